@@ -1,0 +1,270 @@
+"""From a model, with or without an NCP LoRA, to images; and the model plumbing the training scripts share.
+
+Generate images for a prompt list (same per-prompt seeds for every model, so runs pair up for evaluate.py):
+
+    python sample.py --model sdxl --lora out/ncp-dpo-sdxl --prompts prompts.txt --out samples/ncp
+    torchrun --nproc_per_node=4 sample.py --model sd15 --prompts validation_unique --out samples/base
+
+Library part (imported by ncp_dpo.py, ncp_cpo.py, ncp_sft.py):
+    load_models(model, dtype, device)  -> Models  (sd15 | sdxl | tiny | tiny-sdxl | local dir | hub id)
+    encode_prompt(models, captions, ...) -> cond  (the U-Net's keyword arguments, same for SD1.5 and SDXL)
+    encode_images(vae, pixels)          -> latents scaled by the VAE's scaling factor
+    add_lora / save_lora / load_lora    -> PEFT LoRA on the attention projections, diffusers' file format
+"""
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"  # the SDXL VAE rescaled to run in fp16/bf16 without overflow
+NAMED = {"sd15": (SD15, "sd15"), "sdxl": (SDXL, "sdxl"), "tiny": ("tiny", "sd15"), "tiny-sdxl": ("tiny-sdxl", "sdxl")}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class ModelError(ValueError):
+    """A --model, --lora or similar argument that names nothing usable."""
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Models:
+    """The frozen components of a text-to-image latent diffusion model."""
+
+    name: str
+    kind: str  # "sd15" (one CLIP text encoder) or "sdxl" (two, plus micro-conditioning)
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    scheduler: object  # DDPMScheduler, training mode, epsilon prediction, clip_sample=False
+
+
+def resolve_model(model):
+    """Map a --model value to (source, kind) without loading weights. Raises ModelError for bad input."""
+    if model in NAMED:
+        return NAMED[model]
+    if os.path.isdir(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index):
+            raise ModelError(f"{model} is a directory but not a diffusers pipeline: it has no model_index.json "
+                             f"(found: {', '.join(sorted(os.listdir(model))[:8]) or 'nothing'})")
+        with open(index) as f:
+            return model, _kind_of(json.load(f), model)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(model):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            with open(hf_hub_download(model, "model_index.json")) as f:
+                return model, _kind_of(json.load(f), model)
+        except Exception as e:
+            raise ModelError(f"could not fetch {model}/model_index.json from the hub ({type(e).__name__}); "
+                             "download the pipeline and pass its local directory") from None
+    raise ModelError(f"unknown --model {model!r}: expected one of {', '.join(NAMED)}, a local diffusers "
+                     "pipeline directory (with model_index.json), or a hub id like owner/name")
+
+
+def _kind_of(index, where):
+    if "text_encoder_2" in index and "unet" in index:
+        return "sdxl"
+    if "text_encoder" in index and "unet" in index:
+        return "sd15"
+    raise ModelError(f"{where}: model_index.json describes {index.get('_class_name')}, not an SD1.5- or "
+                     "SDXL-like pipeline (it needs unet, vae, text_encoder and, for SDXL, text_encoder_2)")
+
+
+def load_models(model, dtype=torch.float32, device="cpu"):
+    """Load the frozen components (no grad) in `dtype` on `device`. The SDXL VAE stays fp32 unless fp16-fix."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    source, kind = resolve_model(model)
+    if source in ("tiny", "tiny-sdxl"):
+        models = build_tiny(kind)
+    else:
+        try:
+            sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
+            encoders = [sub(CLIPTextModel, "text_encoder")]
+            tokenizers = [sub(CLIPTokenizer, "tokenizer")]
+            if kind == "sdxl":
+                encoders.append(sub(CLIPTextModelWithProjection, "text_encoder_2"))
+                tokenizers.append(sub(CLIPTokenizer, "tokenizer_2"))
+            vae = AutoencoderKL.from_pretrained(SDXL_VAE, torch_dtype=dtype) if source == SDXL else sub(AutoencoderKL, "vae")
+            unet = sub(UNet2DConditionModel, "unet")
+            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", clip_sample=False,
+                                                      prediction_type="epsilon")
+        except OSError as e:
+            raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
+        models = Models(model, kind, unet, vae, encoders, tokenizers, scheduler)
+    fp16_unsafe_vae = kind == "sdxl" and source not in (SDXL, "tiny-sdxl")
+    for module in [models.unet, models.vae, *models.text_encoders]:
+        module.requires_grad_(False).eval()
+        want = torch.float32 if module is models.vae and fp16_unsafe_vae else dtype
+        module.to(device=device)
+        if next(module.parameters()).dtype != want:
+            module.to(dtype=want)
+    return models
+
+
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":  # character-level: every word is its letters
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+
+
+def build_tiny(kind="sd15", seed=0):
+    """A random, small SD1.5-like or SDXL-like model (about 1M parameters), built in code: no download."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer()
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    unet = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=16)
+    if kind == "sdxl":
+        encoders = [CLIPTextModel(CLIPTextConfig(**text)), CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32))]
+        unet.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=32 + 6 * 8, use_linear_projection=True)
+    else:
+        encoders = [CLIPTextModel(CLIPTextConfig(**text))]
+        unet.update(cross_attention_dim=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16, sample_size=32)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, prediction_type="epsilon")
+    return Models(f"tiny{'-sdxl' if kind == 'sdxl' else ''}", kind, UNet2DConditionModel(**unet), vae, encoders,
+                  [tokenizer] * len(encoders), scheduler)
+
+
+def save_pipeline(models, out_dir):
+    """Save the components as a diffusers pipeline directory (loadable by --model DIR)."""
+    pipe = make_pipeline(models)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_pipeline(models):
+    """The diffusers text-to-image pipeline over these components (StableDiffusion or StableDiffusionXL)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if models.kind == "sdxl":
+        return StableDiffusionXLPipeline(vae=models.vae, text_encoder=models.text_encoders[0],
+                                         text_encoder_2=models.text_encoders[1], tokenizer=models.tokenizers[0],
+                                         tokenizer_2=models.tokenizers[1], unet=models.unet,
+                                         scheduler=models.scheduler)
+    return StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoders[0],
+                                   tokenizer=models.tokenizers[0], unet=models.unet, scheduler=models.scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# -----------------------------------------------------------------------------
+# Encoding prompts and images
+
+
+@torch.no_grad()
+def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, target_size=None):
+    """Captions -> cond, the keyword arguments of unet(x_t, t, **cond). The one place SD1.5 and SDXL differ.
+
+    SD1.5: {"encoder_hidden_states": (B, 77, 768)}, the last hidden state of CLIP-L.
+    SDXL:  {"encoder_hidden_states": (B, 77, 2048), the penultimate hidden states of both encoders concatenated,
+            "added_cond_kwargs": {"text_embeds": (B, 1280) pooled, "time_ids": (B, 6)}}; time_ids are
+           (original h, w, crop top, left, target h, w): original_sizes and crops_top_left are (B, 2).
+    """
+    device = models.unet.device
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=models.kind == "sdxl")
+        if models.kind == "sd15":
+            return {"encoder_hidden_states": out.last_hidden_state}
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of the projection model (the last encoder)
+    b = len(captions)
+    size = torch.tensor(target_size or [models.unet.config.sample_size * 8] * 2, dtype=torch.float32).expand(b, 2)
+    original = size if original_sizes is None else torch.as_tensor(original_sizes, dtype=torch.float32)
+    crops = torch.zeros(b, 2) if crops_top_left is None else torch.as_tensor(crops_top_left, dtype=torch.float32)
+    time_ids = torch.cat([original, crops, size], dim=1).to(device=device, dtype=pooled.dtype)  # (B, 6)
+    return {"encoder_hidden_states": torch.cat(hidden, dim=-1),
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+def repeat_cond(cond, n):
+    """Repeat every tensor of cond n times along the batch (B -> nB), e.g. one prompt for winner and loser."""
+    return {k: repeat_cond(v, n) if isinstance(v, dict) else v.repeat(n, *[1] * (v.dim() - 1)) for k, v in cond.items()}
+
+
+@torch.no_grad()
+def encode_images(vae, pixels, generator=None, chunk=8):
+    """Pixels in [-1, 1], (N, 3, H, W) -> latents * scaling_factor, (N, 4, H/8, W/8) fp32, in chunks."""
+    out = []
+    for x in pixels.split(chunk):
+        dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        out.append(dist.sample(generator=generator).float())
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents, chunk=8):
+    """Latents (scaled) -> pixels in [-1, 1], (N, 3, H, W) fp32: divides by the scaling factor first."""
+    out = [vae.decode(z.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample.float()
+           for z in latents.split(chunk)]
+    return torch.cat(out).clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def add_lora(unet, rank=64):
+    """Add a rank-r LoRA (alpha = r, gaussian init) on to_q/to_k/to_v/to_out.0; return its fp32 parameters."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # LoRA weights train in fp32 while the frozen weights stay in half precision
+    return params
+
+
+def lora_state_dict(unet):
+    """The LoRA weights in diffusers' naming (what pipe.load_lora_weights reads, without the 'unet.' prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, out_dir):
+    """Write OUT_DIR/pytorch_lora_weights.safetensors, loadable by pipe.load_lora_weights(out_dir)."""
+    from diffusers import StableDiffusionPipeline
+
+    # The SD1.5 and SDXL pipelines write and read U-Net LoRA keys alike ("unet." + diffusers names).
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet))
+
+
+def load_lora(unet, lora_dir, adapter_name="default"):
+    """Load OUT_DIR/pytorch_lora_weights.safetensors into the U-Net as a PEFT adapter."""
+    path = os.path.join(lora_dir, LORA_FILE)
+    if not os.path.isfile(path):
+        raise ModelError(f"no LoRA weights at {path}")
+    unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix="unet", adapter_name=adapter_name)
+    return unet

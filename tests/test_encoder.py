@@ -1,0 +1,142 @@
+"""encoder.py against independent oracles: diffusers' DDPMScheduler.step and the U-Net's own forward."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+import encoder
+import sample
+
+
+def sd_scheduler():
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, clip_sample=False, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("t", [0, 1, 500, 999])
+def test_previous_sample_matches_ddpm_step(t):
+    scheduler = sd_scheduler()
+    x_t, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    # DDPMScheduler.step draws its variance noise with randn_tensor(generator); draw the same z here.
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    expected = scheduler.step(eps, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+    got = encoder.previous_sample(scheduler, x_t, torch.full((3,), t), eps, z)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_previous_sample_per_sample_timesteps_and_t0_is_x0_hat():
+    scheduler = sd_scheduler()
+    ts = torch.tensor([0, 1, 500, 999])
+    x_t, eps, z = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    batch = encoder.previous_sample(scheduler, x_t, ts, eps, z)
+    for i, t in enumerate(ts):
+        one = encoder.previous_sample(scheduler, x_t[i:i + 1], t[None], eps[i:i + 1], z[i:i + 1])
+        torch.testing.assert_close(batch[i:i + 1], one)
+    abar0 = scheduler.alphas_cumprod[0]
+    x0_hat = (x_t[0] - (1 - abar0).sqrt() * eps[0]) / abar0.sqrt()
+    torch.testing.assert_close(batch[0], x0_hat)  # no noise added at t = 0
+
+
+def _hooked_state(unet, block, x, t, cond):
+    seen = {}
+
+    def hook(module, inputs, output):  # returns None, so the forward is left unchanged
+        seen["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = block.register_forward_hook(hook)
+    unet(x, t, **cond)
+    handle.remove()
+    return seen["h"]
+
+
+@pytest.mark.parametrize("depth", ["down", "mid"])
+def test_down_stack_matches_unet_forward(models, depth):
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 700])
+    cond = sample.encode_prompt(models, ["a red circle", "a blue square"], original_sizes=[[40, 32], [32, 32]],
+                                crops_top_left=[[4, 0], [0, 0]], target_size=[32, 32])
+    block = models.unet.down_blocks[-1] if depth == "down" else models.unet.mid_block
+    expected = _hooked_state(models.unet, block, x, t, cond)
+    torch.testing.assert_close(encoder.down_stack(models.unet, x, t, cond, depth), expected)
+
+
+def _setup(models, seed=0):
+    """A LoRA'd U-Net whose adapters are not the identity, and one noisy batch."""
+    g = torch.Generator().manual_seed(seed)
+    lora = sample.add_lora(models.unet, rank=4)
+    for p in lora:
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    x0, noise, z = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(3))
+    t = torch.tensor([0, 400])
+    x_t = models.scheduler.add_noise(x0, noise, t)
+    cond = sample.encode_prompt(models, ["a red circle", "a blue square"])
+    return lora, x_t, t, noise, z, cond
+
+
+def _adapters_on(unet):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    return bool(layers) and all(not m.disable_adapters for m in layers)
+
+
+def test_perceptual_error_zero_when_pred_is_noise(models):
+    _, x_t, t, noise, z, cond = _setup(models)
+    err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise, noise, z, cond, "mid")
+    assert err.shape == (2,)
+    assert torch.all(err == 0)
+    err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise + 0.1, noise, z, cond, "mid")
+    assert torch.all(err > 0)
+
+
+def test_encoder_uses_base_weights_and_restores_adapters(models):
+    import copy
+
+    base = copy.deepcopy(models.unet)
+    _, x_t, t, noise, z, cond = _setup(models)
+    lora_out = models.unet(x_t, t, **cond).sample
+    assert not torch.allclose(lora_out, base(x_t, t, **cond).sample)  # the adapters do change the model
+    s = (t - 1).clamp(min=0)
+    torch.testing.assert_close(encoder.encode(models.unet, x_t, s, cond, "down"),
+                               encoder.down_stack(base, x_t, s, cond, "down"))
+    assert _adapters_on(models.unet)
+    torch.testing.assert_close(models.unet(x_t, t, **cond).sample, lora_out)
+
+
+def test_adapters_restored_when_encoder_raises(models, monkeypatch):
+    _, x_t, t, noise, z, cond = _setup(models)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(models.unet.conv_in, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise, noise, z, cond)
+    assert _adapters_on(models.unet)
+
+
+def test_gradient_reaches_pred_and_lora_but_no_base_weight(models):
+    lora, x_t, t, noise, z, cond = _setup(models)
+    pred = models.unet(x_t, t, **cond).sample  # the policy: base + LoRA
+    err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
+    err.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    lora_ids = {id(p) for p in lora}
+    assert all(p.grad is None for p in models.unet.parameters() if id(p) not in lora_ids)
+    assert _adapters_on(models.unet)
+
+
+def test_target_features_can_be_shared_and_gradient_checkpointing_gives_same_grad(models):
+    _, x_t, t, noise, z, cond = _setup(models)
+    target = encoder.target_features(models.unet, models.scheduler, x_t, t, noise, z, cond, "mid")
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            models.unet.enable_gradient_checkpointing()
+        pred = (noise + 0.3 * torch.randn_like(noise)).requires_grad_() if not grads else pred.detach().requires_grad_()
+        err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid", target)
+        err.sum().backward()
+        grads.append(pred.grad)
+        again = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred.detach(), noise, z, cond, "mid")
+        torch.testing.assert_close(err.detach(), again)  # precomputed target == target computed inside
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
