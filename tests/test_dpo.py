@@ -1,0 +1,196 @@
+"""ncp_dpo.py: the loss against the official Diffusion-DPO formula, the sign of a step, and whole runs."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import encoder
+import ncp_dpo
+import sample
+from helpers import ROOT, env, lora, metrics, train
+
+
+def official_diffusion_dpo(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, beta_dpo=5000.0):
+    """The loss as the Diffusion-DPO reference training code writes it."""
+    model_diff = model_losses_w - model_losses_l
+    ref_diff = ref_losses_w - ref_losses_l
+    inside_term = -0.5 * beta_dpo * (model_diff - ref_diff)
+    return -1 * F.logsigmoid(inside_term).mean(), (inside_term > 0).sum().float() / inside_term.size(0)
+
+
+def test_dpo_loss_matches_official_formula_and_is_ln2_at_init():
+    g = torch.Generator().manual_seed(0)
+    e = [torch.rand(16, generator=g) * 1e-3 for _ in range(4)]
+    loss, metrics = ncp_dpo.dpo_loss(*e, beta=2500.0)
+    expected, accuracy = official_diffusion_dpo(*e)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["accuracy"], accuracy)  # no ties here
+    torch.testing.assert_close(metrics["margin"], ((e[2] - e[3]) - (e[0] - e[1])).mean())
+    loss, metrics = ncp_dpo.dpo_loss(e[0], e[1], e[0], e[1], beta=2500.0)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and metrics["accuracy"].item() == 0.5
+    # hand-computed: one pair, the policy lowers the winner's error by 1e-4 more than the reference
+    e_w, e_l, ref = torch.tensor([0.1999], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
+    loss, _ = ncp_dpo.dpo_loss(e_w, e_l, ref, ref, 2500.0)
+    assert math.isclose(loss.item(), math.log1p(math.exp(-2500 * 1e-4)), rel_tol=1e-9)  # log(1 + e^-0.25)
+
+
+@pytest.mark.parametrize("space", ["ncp", "latent"])
+def test_one_step_lowers_winner_error_relative_to_reference(models, space):
+    params = sample.add_lora(models.unet, rank=4)
+    g = torch.Generator().manual_seed(1)
+    for p in params:
+        p.data = torch.randn(p.shape, generator=g) * 0.05  # off the identity, so the policy differs from the base
+    x0 = torch.randn(4, 4, 16, 16, generator=g)  # 2 winners, then 2 losers
+    t = torch.tensor([50, 300]).repeat(2)
+    noise = torch.randn(2, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)
+    z = torch.randn(2, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)
+    x_t = models.scheduler.add_noise(x0, noise, t)
+    cond = sample.repeat_cond(sample.encode_prompt(models, ["a red circle", "a blue square"]), 2)
+
+    def errors(policy):
+        with torch.set_grad_enabled(policy), (encoder.base_weights(models.unet) if not policy else torch.enable_grad()):
+            pred = models.unet(x_t, t, **cond).sample
+        if space == "latent":
+            return encoder.latent_error(pred, noise)
+        return encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
+
+    ref = errors(False).detach()
+
+    def gap():  # (e_w - e_l) - (ref_e_w - ref_e_l): DPO should push it down
+        e = errors(True)
+        return ((e[:2] - e[2:]) - (ref[:2] - ref[2:])).mean(), e
+
+    before, e = gap()
+    loss, _ = ncp_dpo.dpo_loss(e[:2], e[2:], ref[:2], ref[2:], beta=2500.0)
+    loss.backward()
+    with torch.no_grad():
+        for p in params:
+            p -= 1e-3 * p.grad / p.grad.norm().clamp(min=1e-12)
+    after, _ = gap()
+    assert after.item() < before.item()
+
+
+# -----------------------------------------------------------------------------
+# Whole runs
+
+KEYS = {"step", "loss", "accuracy", "margin", "e_w", "e_l", "ref_e_w", "ref_e_l", "lr", "grad_norm", "pairs_per_s",
+        "step_time", "skipped_pairs", "converted_images", "nonfinite_steps"}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train("ncp_dpo.py", out, "--model", "tiny", "--max-steps", "4")
+    return out
+
+
+def _check_run(out):
+    rows = metrics(out)
+    assert KEYS <= set(rows[0]) and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert math.isclose(rows[0]["loss"], math.log(2), rel_tol=1e-5)  # policy == reference before the first update
+    assert rows[0]["accuracy"] == 0.5
+    assert all(math.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in rows)
+    assert rows[-1]["loss"] != rows[0]["loss"]
+    state = lora(out)
+    assert state and all(k.startswith("unet.") and torch.isfinite(v).all() for k, v in state.items())
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k or "lora.up" in k)  # it trained
+
+
+def test_tiny_ncp_run(straight):
+    _check_run(straight)
+
+
+@pytest.mark.parametrize("model,space", [("tiny", "latent"), ("tiny-sdxl", "ncp"), ("tiny-sdxl", "latent")])
+def test_runs_for_both_models_and_spaces(tmp_path, model, space):
+    proc = train("ncp_dpo.py", tmp_path, "--model", model, "--space", space, "--max-steps", "2")
+    assert f"dpo in {space} space" in proc.stdout
+    _check_run(tmp_path)
+
+
+def test_saved_lora_loads_in_the_diffusers_pipeline(straight, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(sample.save_pipeline(sample.build_tiny("sd15"), str(tmp_path / "pipe")))
+    run = lambda: pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",  # noqa: E731
+                       generator=torch.Generator().manual_seed(0)).images
+    before = run()
+    pipe.load_lora_weights(str(straight))
+    assert abs(run() - before).max() > 0
+
+
+def test_resume_gives_the_same_lora_as_a_straight_run(straight, tmp_path):
+    train("ncp_dpo.py", tmp_path, "--model", "tiny", "--max-steps", "2")
+    proc = train("ncp_dpo.py", tmp_path, "--model", "tiny", "--max-steps", "4", "--resume")
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    a, b = lora(straight), lora(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    assert metrics(tmp_path)[2:] == [{**r, "step_time": s["step_time"], "pairs_per_s": s["pairs_per_s"]}
+                                     for r, s in zip(metrics(straight)[2:], metrics(tmp_path)[2:])]
+
+
+def test_torchrun_two_ranks_agree_and_match_one_process(straight, tmp_path):
+    # 2 ranks x micro 2 x accum 1 sees the same pairs, t and noise per step as 1 rank x micro 2 x accum 2.
+    proc = train("ncp_dpo.py", tmp_path, "--model", "tiny", "--max-steps", "4", nproc=2)
+    assert "world 2 x micro 2 x accum 1" in proc.stdout
+    assert "LoRA weights identical on all 2 ranks: True" in proc.stdout
+    a, b = lora(straight), lora(tmp_path)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "ncp_dpo.py"), "--model", "tiny", "--output-dir", str(tmp_path),
+           "--data", "synthetic", "--num-workers", "1", "--optimizer", "adamw", "--global-batch-size", "2",
+           "--micro-batch-size", "2", "--log-every", "1", "--max-steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(tmp_path, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(log) and len(open(log).readlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    step = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["step"]
+    assert 2 <= step < 100000 and f"stopped by signal at step {step}" in out
+    resumed = train("ncp_dpo.py", tmp_path, "--model", "tiny", "--global-batch-size", "2", "--max-steps",
+                    str(step + 1), "--resume")
+    assert f"at step {step}" in resumed.stdout and metrics(tmp_path)[-1]["step"] == step + 1
+
+
+def test_nonfinite_loss_skips_the_update(tmp_path):
+    train("ncp_dpo.py", tmp_path, "--model", "tiny", "--max-steps", "2", "--beta", "nan")
+    rows = metrics(tmp_path)
+    assert rows[-1]["nonfinite_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in lora(tmp_path).values())
+    assert all(v.abs().sum() == 0 for k, v in lora(tmp_path).items() if "lora_B" in k)  # never updated
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "tiny", "--global-batch-size", "6", "--micro-batch-size", "4"], "must be a positive multiple"),
+    (["--model", "tiny", "--resume"], "nothing to resume"),
+    (["--model", "sd-15"], "unknown --model 'sd-15'"),
+    (["--model", "tiny", "--data", "/no/such/dir"], "is not a directory, a parquet file"),
+])
+def test_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        ncp_dpo.main(ncp_dpo.parse_args(argv + ["--output-dir", str(tmp_path / "out")]))
+    assert message in str(exit_info.value.code)
+
+
+def test_another_runs_checkpoint_is_refused(straight, monkeypatch):
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    for argv, message in [([], "holds a run at step 4: pass --resume"),
+                          (["--resume", "--space", "latent"], "belongs to another run (space: 'ncp' there, 'latent' here)")]:
+        with pytest.raises(SystemExit) as exit_info:
+            ncp_dpo.main(ncp_dpo.parse_args(["--model", "tiny", "--data", "synthetic", "--output-dir", str(straight),
+                                             "--global-batch-size", "4", "--micro-batch-size", "2", *argv]))
+        assert message in str(exit_info.value.code)
