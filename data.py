@@ -237,7 +237,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             i = (index + attempt) % len(self)
             try:
                 images = [load_image(b) for b in self._read_images(i)]
-            except Exception:  # corrupt bytes, a truncated file, a missing image: skip the pair, count it
+            except (OSError, ValueError, pa.ArrowException, Image.DecompressionBombError):  # corrupt or missing: skip, count
                 skipped += 1
                 continue
             if not self.captions[i]:

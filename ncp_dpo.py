@@ -152,6 +152,15 @@ def step_seed(seed, step, k):
     return (seed * 1_000_003 + step) * 1_000_003 + k
 
 
+def peak_memory(cuda):
+    """GiB: the peak of allocated GPU memory on GPU; the process's peak resident memory on CPU."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def save_atomic(args, raw_unet, state):
     """Write the LoRA (diffusers' format) and the checkpoint via temporary names, then rename."""
     with tempfile.TemporaryDirectory(dir=args.output_dir) as tmp:
@@ -327,7 +336,8 @@ def main(args):
             totals["converted_images"] += int(bad[1])
             elapsed = (time.time() - window_start) / window_steps
             record = {"step": step, **{k: v.item() for k, v in zip(names, values)}, "lr": lr_schedule.get_last_lr()[0],
-                      "step_time": elapsed, "pairs_per_s": args.global_batch_size / elapsed, **totals}
+                      "step_time": elapsed, "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(cuda),
+                      **totals}
             if master:
                 with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(record) + "\n")

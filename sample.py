@@ -268,3 +268,144 @@ def load_lora(unet, lora_dir, adapter_name="default"):
         raise ModelError(f"no LoRA weights at {path}")
     unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix="unet", adapter_name=adapter_name)
     return unet
+
+
+# -----------------------------------------------------------------------------
+# Sampling: prompts -> paired image folders
+
+DEFAULTS = {"sd15": dict(guidance_scale=7.5, steps=50), "sdxl": dict(guidance_scale=5.0, steps=50)}
+
+
+def read_prompts(spec, data_source="yuvalkirstain/pickapic_v2"):
+    """A text file (one prompt a line), PartiPrompts' TSV (the Prompt column), or a Pick-a-Pic split name
+    such as validation_unique (its unique captions, in order). Raises ValueError when there is none."""
+    if os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the prompt file {spec}: {e}") from None
+        if spec.endswith(".tsv"):
+            import csv
+
+            rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+            if rows and "Prompt" not in rows[0]:
+                raise ValueError(f"{spec} has no Prompt column (columns: {list(rows[0])})")
+            prompts = [r["Prompt"].strip() for r in rows]
+        else:
+            prompts = [line.strip() for line in text.splitlines()]
+    else:
+        import data  # a Pick-a-Pic split: captions from the metadata columns only
+        import pyarrow.parquet as pq
+
+        paths = data.find_shards(data_source, spec)
+        prompts = [c for p in paths for c in pq.read_table(p, columns=["caption"])["caption"].to_pylist() if c]
+        prompts = list(dict.fromkeys(prompts))
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"no prompts in {spec}")
+    return prompts
+
+
+def image_name(index, j):
+    """File name of image j of prompt `index`: the same in every run over the same prompts, so runs pair up."""
+    return f"{index:05d}_{j}.png"
+
+
+def prompt_seed(seed, index):
+    return seed * 100_003 + index
+
+
+def make_grid(paths, columns=4):
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.resize((w, h)), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate paired images for a prompt list, with or without a LoRA.")
+    p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id")
+    p.add_argument("--lora", help="a training output dir holding pytorch_lora_weights.safetensors (none: the base)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA")
+    p.add_argument("--prompts", required=True, help="a text file, PartiPrompts' .tsv, or a Pick-a-Pic split name")
+    p.add_argument("--data", default="yuvalkirstain/pickapic_v2", help="where --prompts SPLIT is read from")
+    p.add_argument("--out", required=True, help="output folder: images, index.json and grid.png")
+    p.add_argument("--resolution", type=int, help="image size (default: the model's, 512 / 1024)")
+    p.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 7.5 SD1.5, 5.0 SDXL)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses a seed derived from it and i")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default fp16 on GPU, fp32 on CPU")
+    return p.parse_args(argv)
+
+
+def main(args):
+    import sys
+
+    import torch.distributed as dist
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:  # every check before a model is loaded or a file written
+        _, kind = resolve_model(args.model)
+        if args.lora and not os.path.isfile(os.path.join(args.lora, LORA_FILE)):
+            raise ModelError(f"--lora {args.lora} holds no {LORA_FILE}")
+        prompts = read_prompts(args.prompts, args.data)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    settings = {**DEFAULTS[kind], **{k: v for k, v in (("guidance_scale", args.guidance_scale), ("steps", args.steps)) if v}}
+    precision = args.precision or ("fp16" if cuda else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+    from diffusers import EulerDiscreteScheduler
+    from tqdm import tqdm
+
+    models = load_models(args.model, dtype, device)
+    if args.lora:
+        load_lora(models.unet, args.lora)
+    pipe = make_pipeline(models)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    os.makedirs(args.out, exist_ok=True)
+    mine = range(rank, len(prompts), world_size)  # prompts sharded over ranks
+    for index in tqdm(mine, disable=rank != 0, desc="sampling"):
+        names = [image_name(index, j) for j in range(args.num_images_per_prompt)]
+        if all(os.path.exists(os.path.join(args.out, n)) for n in names):
+            continue  # resumable: finished prompts are skipped
+        size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+        images = pipe(prompts[index], num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                      num_images_per_prompt=args.num_images_per_prompt, **size,
+                      generator=torch.Generator(device).manual_seed(prompt_seed(args.seed, index)),
+                      cross_attention_kwargs={"scale": args.lora_scale} if args.lora else None).images
+        for name, image in zip(names, images):
+            tmp = os.path.join(args.out, f".{name}.tmp")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, os.path.join(args.out, name))  # a file that exists is complete
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        index = [{"index": i, "prompt": p, "seed": prompt_seed(args.seed, i),
+                  "files": [image_name(i, j) for j in range(args.num_images_per_prompt)]} for i, p in enumerate(prompts)]
+        meta = {"model": args.model, "lora": args.lora, "lora_scale": args.lora_scale, "prompts": args.prompts,
+                "resolution": args.resolution, **settings, "images": index}
+        with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
+        first = [os.path.join(args.out, n) for item in index[:16] for n in item["files"][:1]]
+        make_grid(first).save(os.path.join(args.out, "grid.png"))
+        print(f"{len(prompts)} prompts x {args.num_images_per_prompt} images in {args.out} (index.json, grid.png)")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())

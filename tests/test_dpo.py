@@ -100,7 +100,7 @@ def _check_run(out):
     assert rows[-1]["loss"] != rows[0]["loss"]
     state = lora(out)
     assert state and all(k.startswith("unet.") and torch.isfinite(v).all() for k, v in state.items())
-    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k or "lora.up" in k)  # it trained
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora.up" in k)  # it trained
 
 
 def test_tiny_ncp_run(straight):
@@ -132,8 +132,9 @@ def test_resume_gives_the_same_lora_as_a_straight_run(straight, tmp_path):
     a, b = lora(straight), lora(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
-    assert metrics(tmp_path)[2:] == [{**r, "step_time": s["step_time"], "pairs_per_s": s["pairs_per_s"]}
-                                     for r, s in zip(metrics(straight)[2:], metrics(tmp_path)[2:])]
+    machine = {"step_time", "pairs_per_s", "peak_mem_gib"}  # measurements of the machine, not of the run
+    same = lambda rows: [{k: v for k, v in r.items() if k not in machine} for r in rows[2:]]  # noqa: E731
+    assert same(metrics(tmp_path)) == same(metrics(straight))
 
 
 def test_torchrun_two_ranks_agree_and_match_one_process(straight, tmp_path):
@@ -170,7 +171,8 @@ def test_nonfinite_loss_skips_the_update(tmp_path):
     rows = metrics(tmp_path)
     assert rows[-1]["nonfinite_steps"] == 2
     assert all(torch.isfinite(v).all() for v in lora(tmp_path).values())
-    assert all(v.abs().sum() == 0 for k, v in lora(tmp_path).items() if "lora_B" in k)  # never updated
+    ups = [v for k, v in lora(tmp_path).items() if "lora.up" in k]  # B of the LoRA starts at zero
+    assert ups and all(v.abs().sum() == 0 for v in ups)  # never updated
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,0 +1,361 @@
+"""NCP-CPO: Contrastive Preference Optimization with the errors in the frozen U-Net encoder's space at t-1.
+
+Gambashidze et al. 2024, eq. 15; CPO is Xu et al. 2024 (eqs. 9-11). No reference model: the loss compares the
+policy's own winner and loser errors and adds a behaviour-cloning term on the winners. With --space latent
+the errors are measured in noise space (the latent CPO baseline). The scaffolding is ncp_dpo.py's, commented
+there; `diff ncp_dpo.py ncp_cpo.py` shows the objective, its flags and its metrics.
+
+    python ncp_cpo.py --model tiny --data synthetic
+    torchrun --nproc_per_node=4 ncp_cpo.py --model sdxl --data /data/pickapic_v2 --filter absolute-winners
+    torchrun --nproc_per_node=4 ncp_cpo.py --model sd15 --sft-weight 0 ...   # as the authors' released code
+
+Outputs in --output-dir: pytorch_lora_weights.safetensors (diffusers' format: pipe.load_lora_weights(dir)),
+checkpoint.pt (everything needed to resume), metrics.jsonl and log.txt.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import encoder
+import sample
+
+OBJECTIVE = "cpo"
+
+
+def cpo_loss(e_w, e_l, beta, sft_weight):
+    """Eq. 11 (latent) and eq. 15 (NCP): L = -log sigmoid(-beta * (e_w - e_l)) + sft_weight * e_w, mean over B.
+
+    e_w, e_l: (B,) per-sample errors of the policy on the winner and the loser. The first term prefers the
+    winner (a lower error) without a reference model; the second is CPO's behaviour-cloning (NLL) term on the
+    winners. sft_weight = 1 as in the CPO paper; 0 reproduces the NCP authors' released code. beta = 2500 as
+    for DPO, in the thousands because the errors are means over many elements.
+    """
+    margin = e_l - e_w  # (B,) > 0: the policy fits the winner better than the loser
+    preference = -F.logsigmoid(beta * margin).mean()
+    loss = preference + sft_weight * e_w.mean()
+    metrics = {"loss": loss, "preference_loss": preference, "accuracy": (margin > 0).float().mean() +
+               0.5 * (margin == 0).float().mean(), "margin": margin.mean(), "e_w": e_w.mean(), "e_l": e_l.mean()}
+    return loss, {k: v.detach().float() for k, v in metrics.items()}
+
+
+# -----------------------------------------------------------------------------
+# Settings. Defaults per model reproduce the paper's launchers (NCP.md section 5); tiny finishes on a CPU.
+
+PRESETS = {
+    "sd15": dict(resolution=512, global_batch_size=512, micro_batch_size=8, lr=5.12e-6, warmup_steps=250,
+                 max_steps=1500, lora_rank=64, gradient_checkpointing=True),
+    "sdxl": dict(resolution=1024, global_batch_size=512, micro_batch_size=1, lr=5.12e-6, warmup_steps=500,
+                 max_steps=2000, lora_rank=64, gradient_checkpointing=True),
+    "tiny": dict(resolution=32, global_batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=0,
+                 max_steps=60, lora_rank=8, gradient_checkpointing=False),
+}
+ENCODER_DEPTH = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: mid block for SD1.5, not for SDXL
+# A checkpoint can only be continued by a run that agrees on these.
+RUN_IDENTITY = ["objective", "model", "space", "sft_weight", "encoder_depth", "lora_rank", "data", "split", "filter",
+                "resolution", "global_batch_size", "seed"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id")
+    p.add_argument("--encoder-depth", choices=["down", "mid"], help="perceptual encoder: down blocks, or through "
+                   "the mid block (default: mid for SD1.5-like, down for SDXL-like)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r); default 64 (8 for tiny)")
+    # data
+    p.add_argument("--data", default=data.PICKAPIC, help="Pick-a-Pic parquet dir or glob, hub dataset id, or 'synthetic'")
+    p.add_argument("--split", default="train", help="dataset split to train on")
+    p.add_argument("--filter", choices=["none", "absolute-winners"], default="none",
+                   help="absolute-winners: keep pairs whose winner never lost or drew (the paper's filter)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (default 512 / 1024 / 32)")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    # objective
+    p.add_argument("--space", choices=["ncp", "latent"], default="ncp",
+                   help="ncp: errors in the U-Net encoder's space at t-1 (eq. 15); latent: noise space (eq. 11)")
+    p.add_argument("--beta", type=float, default=2500.0, help="CPO beta on the winner-loser error gap")
+    p.add_argument("--sft-weight", type=float, default=1.0,
+                   help="weight of the behaviour-cloning term on winners (1.0: the CPO paper; 0: the NCP authors' code)")
+    # optimization
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default 1500 / 2000 / 60)")
+    p.add_argument("--global-batch-size", type=int, help="pairs per optimizer step over all ranks (default 512)")
+    p.add_argument("--micro-batch-size", type=int, help="pairs per forward per rank (default 8 / 1 / 8)")
+    p.add_argument("--lr", type=float, help="learning rate, constant after warmup (default 5.12e-6)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 250 / 500 / 0)")
+    p.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit",
+                   help="adamw8bit: bitsandbytes 8-bit AdamW; adamw: torch AdamW in fp32")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="frozen weights and autocast dtype; LoRA weights stay fp32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in backward (default on, off for tiny)")
+    # run
+    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default runs/ncp-cpo-MODEL)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the LoRA init, data order, t, noise and z")
+    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=10, help="log averaged metrics every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    return p.parse_args(argv)
+
+
+def fill_defaults(args, kind):
+    """Fill the unset arguments from the model's preset. Returns args."""
+    preset = PRESETS["tiny" if args.model.startswith("tiny") else kind]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.encoder_depth = args.encoder_depth or ENCODER_DEPTH[kind]
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.output_dir = args.output_dir or os.path.join("runs", f"ncp-{OBJECTIVE}-{os.path.basename(args.model.rstrip('/'))}")
+    args.objective = OBJECTIVE
+    return args
+
+
+def check_run(args, world_size):
+    """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
+    per_step = args.micro_batch_size * world_size
+    if min(args.global_batch_size, args.micro_batch_size, args.max_steps) <= 0 or args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
+                         f"--micro-batch-size x world size = {args.micro_batch_size} x {world_size} = {per_step}")
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        if args.resume:
+            raise ValueError(f"--resume: nothing to resume, there is no {path}")
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not args.resume:
+        raise ValueError(f"{args.output_dir} holds a run at step {ckpt['step']}: pass --resume to continue it, "
+                         "or choose another --output-dir")
+    old = ckpt["args"]
+    differ = [f"{k}: {old.get(k)!r} there, {getattr(args, k)!r} here" for k in RUN_IDENTITY if old.get(k) != getattr(args, k)]
+    if differ:
+        raise ValueError(f"{path} belongs to another run ({'; '.join(differ)})")
+    return ckpt
+
+
+def step_seed(seed, step, k):
+    """A distinct seed for each (step, global micro-batch): results do not depend on the world size."""
+    return (seed * 1_000_003 + step) * 1_000_003 + k
+
+
+def peak_memory(cuda):
+    """GiB: the peak of allocated GPU memory on GPU; the process's peak resident memory on CPU."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def save_atomic(args, raw_unet, state):
+    """Write the LoRA (diffusers' format) and the checkpoint via temporary names, then rename."""
+    with tempfile.TemporaryDirectory(dir=args.output_dir) as tmp:
+        sample.save_lora(raw_unet, tmp)
+        os.replace(os.path.join(tmp, sample.LORA_FILE), os.path.join(args.output_dir, sample.LORA_FILE))
+        torch.save(state, os.path.join(tmp, "checkpoint.pt"))
+        os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(args.output_dir, "checkpoint.pt"))
+
+
+def main(args):
+    # -------------------------------------------------------------------------
+    # Distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs one process.
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)])
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    master = rank == 0
+
+    # -------------------------------------------------------------------------
+    # Check everything that can be checked before loading a model.
+    try:
+        _, kind = sample.resolve_model(args.model)
+        args = fill_defaults(args, kind)
+        ckpt = check_run(args, world_size)
+        source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data")) if args.data == "synthetic" else args.data
+        pairs, counts = data.preference_pairs(source, args.split, args.filter)
+        dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed)
+    except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
+        sys.exit(f"error: {e}")
+    accum = args.global_batch_size // (args.micro_batch_size * world_size)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_file = open(os.path.join(args.output_dir, "log.txt"), "a") if master else None
+
+    def print0(*parts):
+        if master:
+            line = " ".join(str(p) for p in parts)
+            tqdm.write(line)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    print0(f"data: {json.dumps(counts)}")
+    print0(f"{OBJECTIVE} in {args.space} space | {args.model} | world {world_size} x micro {args.micro_batch_size} x "
+           f"accum {accum} = {args.global_batch_size} pairs/step | {args.precision} | {args.max_steps} steps")
+
+    # -------------------------------------------------------------------------
+    # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    models = sample.load_models(args.model, dtype, device)
+    raw_unet, scheduler = models.unet, models.scheduler
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank
+    lora_params = sample.add_lora(raw_unet, args.lora_rank)
+    lora_names = [n for n, p in raw_unet.named_parameters() if p.requires_grad]
+    if args.gradient_checkpointing:
+        raw_unet.enable_gradient_checkpointing()
+    unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # -------------------------------------------------------------------------
+    # Optimizer, schedule, resume.
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(lora_params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    else:
+        optimizer = torch.optim.AdamW(lora_params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    step, totals = 0, {"skipped_pairs": 0, "converted_images": 0, "nonfinite_steps": 0}  # over the whole run
+    if ckpt is not None:
+        with torch.no_grad():
+            for name, p in zip(lora_names, lora_params):
+                p.copy_(ckpt["lora"][name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, totals = ckpt["step"], ckpt["totals"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if cuda and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        print0(f"resumed from {args.output_dir}/checkpoint.pt at step {step} (data position {ckpt['data_position']})")
+
+    def state():
+        return {"lora": {n: p.detach().cpu() for n, p in zip(lora_names, lora_params)}, "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "data_position": step * args.global_batch_size, "totals": totals, "args": vars(args),
+                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}}
+
+    def save():
+        if master:
+            save_atomic(args, raw_unet, state())
+        if ddp:
+            dist.barrier()
+
+    # -------------------------------------------------------------------------
+    # Data: an endless loader of this rank's micro-batches, starting where the run left off.
+    loader = iter(data.make_loader(dataset, args.micro_batch_size, rank, world_size, args.seed,
+                                   start=step * args.global_batch_size, num_workers=args.num_workers))
+    stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, save, exit
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, frame: stop.append(s))
+
+    # -------------------------------------------------------------------------
+    # Training loop.
+    window, window_steps, window_start = {}, 0, time.time()  # metrics summed since the last log line
+    bad = torch.zeros(2, dtype=torch.float64)  # this rank's skipped pairs and converted images since the last log
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc=f"ncp-{OBJECTIVE}", dynamic_ncols=True)
+    while step < args.max_steps:
+        for micro in range(accum):
+            batch = next(loader)
+            g = torch.Generator(device).manual_seed(step_seed(args.seed, step, micro * world_size + rank))
+            n = batch["pixels"].shape[0]  # B pairs; winners and losers are stacked to 2B below
+            pixels = batch["pixels"].transpose(0, 1).flatten(0, 1).to(device)  # (2B, 3, R, R)
+            x0 = sample.encode_images(models.vae, pixels, generator=g)  # (2B, 4, h, w)
+            cond = sample.encode_prompt(models, batch["caption"] * 2, batch["original_sizes"].transpose(0, 1).flatten(0, 1),
+                                        batch["crops_top_left"].transpose(0, 1).flatten(0, 1), [args.resolution] * 2)
+            # One t, eps and z per pair, shared by winner and loser (removes noise from the comparison).
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g, device=device).repeat(2)
+            noise = torch.randn(x0[:n].shape, generator=g, device=device).repeat(2, 1, 1, 1)
+            z = torch.randn(x0[:n].shape, generator=g, device=device).repeat(2, 1, 1, 1)
+            x_t = scheduler.add_noise(x0, noise, t)
+            sync = micro == accum - 1 or not ddp
+            with autocast, (nullcontext() if sync else unet.no_sync()):
+                pred = unet(x_t, t, **cond).sample  # the policy, through DDP; CPO has no reference forward
+                if args.space == "latent":
+                    err = encoder.latent_error(pred, noise)
+                else:
+                    err = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond, args.encoder_depth)
+                e_w, e_l = err.chunk(2)
+                loss, metrics = cpo_loss(e_w, e_l, args.beta, args.sft_weight)
+                scaler.scale(loss / accum).backward()
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v / accum
+            bad += torch.tensor([batch["skipped"].sum(), batch["converted"].sum()], dtype=torch.float64)
+
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # DDP has averaged the grads: same on all ranks
+        if torch.isfinite(grad_norm):
+            scaler.step(optimizer)
+        else:  # a non-finite loss or gradient: skip the update, never write NaN into the LoRA
+            totals["nonfinite_steps"] += 1
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+        window_steps += 1
+        bar.update(1)
+
+        flags = torch.tensor([float(bool(stop))], device=device)
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        save_now = step % args.save_every == 0 or step == args.max_steps or flags.item()
+        if step % args.log_every == 0 or save_now:  # the totals a checkpoint holds are the logged ones
+            names = sorted(window)
+            values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / window_steps
+            bad = bad.to(device)
+            if ddp:
+                dist.all_reduce(values)
+                values /= world_size
+                dist.all_reduce(bad)
+            totals["skipped_pairs"] += int(bad[0])
+            totals["converted_images"] += int(bad[1])
+            elapsed = (time.time() - window_start) / window_steps
+            record = {"step": step, **{k: v.item() for k, v in zip(names, values)}, "lr": lr_schedule.get_last_lr()[0],
+                      "step_time": elapsed, "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(cuda),
+                      **totals}
+            if master:
+                with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+            print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            window, window_steps, window_start, bad = {}, 0, time.time(), torch.zeros(2, dtype=torch.float64)
+        if save_now:
+            save()
+        if flags.item():
+            print0(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
+            break
+
+    # -------------------------------------------------------------------------
+    bar.close()
+    if ckpt is not None and step == ckpt["step"]:
+        save()  # nothing left to train: still leave the LoRA in place
+    if ddp:  # a cheap proof that the ranks stayed in step: every LoRA tensor's sum and sum of squares agree
+        sums = torch.stack([s for p in lora_params for s in (p.double().sum(), p.double().square().sum())]).to(device)
+        gathered = [torch.zeros_like(sums) for _ in range(world_size)]
+        dist.all_gather(gathered, sums)
+        print0(f"LoRA weights identical on all {world_size} ranks: {all(torch.equal(gathered[0], x) for x in gathered)}")
+    print0(f"done: step {step}, LoRA in {args.output_dir}/{sample.LORA_FILE}")
+    if ddp:
+        dist.destroy_process_group()
+    if stop:
+        sys.exit(128 + stop[0])
+
+
+if __name__ == "__main__":
+    main(parse_args())

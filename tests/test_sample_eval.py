@@ -1,0 +1,157 @@
+"""sample.py as a command and evaluate.py: paired, deterministic, resumable images; win rates."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import sample
+
+
+def run_sample(tmp_path, out, *extra):
+    sample.main(sample.parse_args(["--model", "tiny", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+                                   "--steps", "2", *extra]))
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\na green circle\n")
+    return ["a red circle", "a blue square", "a green circle"]
+
+
+@pytest.fixture()
+def lora_dir(tmp_path):
+    unet = sample.build_tiny().unet
+    g = torch.Generator().manual_seed(0)
+    for p in sample.add_lora(unet, rank=4):
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    sample.save_lora(unet, str(tmp_path / "lora"))
+    return str(tmp_path / "lora")
+
+
+def pixels(folder, name):
+    return torch.tensor(list(Image.open(os.path.join(folder, name)).getdata()), dtype=torch.float32)
+
+
+def test_paired_deterministic_images_lora_changes_them_and_resume_skips(tmp_path, prompts, lora_dir):
+    run_sample(tmp_path, tmp_path / "a", "--num-images-per-prompt", "2")
+    run_sample(tmp_path, tmp_path / "b", "--num-images-per-prompt", "2")
+    run_sample(tmp_path, tmp_path / "lora_out", "--num-images-per-prompt", "2", "--lora", lora_dir)
+    index = json.load(open(tmp_path / "a" / "index.json"))
+    assert [i["prompt"] for i in index["images"]] == prompts and index["guidance_scale"] == 7.5
+    names = [n for item in index["images"] for n in item["files"]]
+    assert names == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png", "00002_0.png", "00002_1.png"]
+    assert os.path.isfile(tmp_path / "a" / "grid.png")
+    for n in names:
+        assert torch.equal(pixels(tmp_path / "a", n), pixels(tmp_path / "b", n))  # same seed, same image
+    assert not torch.equal(pixels(tmp_path / "a", names[0]), pixels(tmp_path / "a", names[2]))
+    assert any(not torch.equal(pixels(tmp_path / "a", n), pixels(tmp_path / "lora_out", n)) for n in names)
+    mtime = os.path.getmtime(tmp_path / "a" / names[0])
+    os.remove(tmp_path / "a" / names[3])
+    run_sample(tmp_path, tmp_path / "a", "--num-images-per-prompt", "2")
+    assert os.path.getmtime(tmp_path / "a" / names[0]) == mtime  # finished prompts are skipped
+    assert torch.equal(pixels(tmp_path / "a", names[3]), pixels(tmp_path / "b", names[3]))
+
+
+def test_prompt_sources(tmp_path):
+    (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nA cat\tAnimals\nA dog\tAnimals\n")
+    assert sample.read_prompts(str(tmp_path / "parti.tsv")) == ["A cat", "A dog"]
+    import data
+
+    src = data.write_synthetic(str(tmp_path / "pickapic"), n=12, split="validation_unique")
+    got = sample.read_prompts("validation_unique", src)
+    assert got and len(got) == len(set(got)) and all(p.startswith("a ") for p in got)
+
+
+def test_bad_sampling_input_fails_cleanly(tmp_path, prompts):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "nolora").mkdir()
+    for argv, message in [(["--prompts", str(tmp_path / "empty.txt")], "no prompts"),
+                          (["--prompts", str(tmp_path / "prompts.txt"), "--lora", str(tmp_path / "nolora")], "holds no"),
+                          (["--prompts", str(tmp_path / "bad.tsv")], "")]:
+        if argv[1].endswith("bad.tsv"):
+            (tmp_path / "bad.tsv").write_text("Text\nx\n")
+            message = "no Prompt column"
+        with pytest.raises(SystemExit) as e:
+            sample.main(sample.parse_args(["--model", "tiny", "--out", str(tmp_path / "o"), *argv]))
+        assert message in str(e.value.code)
+        assert not os.path.exists(tmp_path / "o")  # nothing half-written
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py
+
+
+@pytest.fixture(scope="module")
+def scorer_dir(tmp_path_factory):
+    """A tiny random CLIP model and processor saved as a PickScore stand-in."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out = tmp_path_factory.mktemp("scorer")
+    tokenizer = sample._tiny_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         vocab_size=len(tokenizer), max_position_embeddings=16,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(out)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(out)
+    return str(out)
+
+
+def make_folder(folder, prompts, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(os.path.join(folder, sample.image_name(i, 0)))
+    items = [{"index": i, "prompt": p, "seed": i, "files": [sample.image_name(i, 0)]} for i, p in enumerate(prompts)]
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        json.dump({"images": items}, f)
+
+
+def evaluate_main(a, b, scorer, out):
+    evaluate.main(evaluate.parse_args([str(a), str(b), "--pickscore-model", scorer, "--pickscore-processor", scorer,
+                                       "--out", str(out)]))
+    return json.load(open(out))
+
+
+def test_winrate_against_itself_is_half_and_a_better_folder_wins(tmp_path, scorer_dir):
+    g = torch.Generator().manual_seed(0)
+    prompts = [f"prompt {c}" for c in "abcdefghij"]
+    candidates = [[Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()) for _ in range(2)]
+                  for _ in prompts]
+    scorer = evaluate.PickScore(scorer_dir, scorer_dir)
+    make_folder(tmp_path / "first", prompts, [c[0] for c in candidates])
+    report = evaluate_main(tmp_path / "first", tmp_path / "first", scorer_dir, tmp_path / "self.json")
+    assert report["pickscore_winrate"] == 0.5 and report["pairs"] == 10
+    lo, hi = report["pickscore_winrate_ci95"]
+    assert lo < 0.5 < hi
+    # Put the higher-scoring candidate of each prompt in "better", the other in "worse".
+    s = torch.stack([scorer([c[0], c[1]], [p, p]) for c, p in zip(candidates, prompts)])
+    assert (s[:, 0] != s[:, 1]).all()
+    make_folder(tmp_path / "better", prompts, [c[int(s[i, 1] > s[i, 0])] for i, c in enumerate(candidates)])
+    make_folder(tmp_path / "worse", prompts, [c[int(s[i, 1] <= s[i, 0])] for i, c in enumerate(candidates)])
+    report = evaluate_main(tmp_path / "better", tmp_path / "worse", scorer_dir, tmp_path / "r.json")
+    assert report["pickscore_winrate"] == 1.0 and report["pickscore_mean_a"] > report["pickscore_mean_b"]
+    assert evaluate.winrate(torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0, 1.0]))["winrate"] == 0.625
+
+
+def test_evaluate_bad_input(tmp_path, scorer_dir):
+    image = Image.new("RGB", (32, 32))
+    make_folder(tmp_path / "a", ["x", "y"], [image, image])
+    make_folder(tmp_path / "b", ["x", "z"], [image, image])
+    for a, b, scorer, message in [(tmp_path / "a", tmp_path / "b", scorer_dir, "do not pair up"),
+                                  (tmp_path / "a", tmp_path / "none", scorer_dir, "has no index.json"),
+                                  (tmp_path / "a", tmp_path / "a", str(tmp_path / "no-scorer"), "cannot load the PickScore")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate_main(a, b, scorer, tmp_path / "report.json")
+        assert message in str(e.value.code)
+        assert not os.path.exists(tmp_path / "report.json")
+    os.remove(tmp_path / "a" / sample.image_name(1, 0))
+    with pytest.raises(SystemExit, match="lacks 1 of its images"):
+        evaluate_main(tmp_path / "a", tmp_path / "a", scorer_dir, tmp_path / "report.json")
