@@ -57,7 +57,8 @@ def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
 
 
 # -----------------------------------------------------------------------------
-# Settings. Defaults per model reproduce the paper's launchers (NCP.md section 5); tiny finishes on a CPU.
+# Settings. Defaults per model reproduce the paper's settings (its section 5 and the authors' launchers); tiny
+# finishes on a CPU.
 
 PRESETS = {
     "sd15": dict(resolution=512, global_batch_size=512, micro_batch_size=8, lr=5.12e-6, warmup_steps=250,
