@@ -1,0 +1,293 @@
+"""A learning proof that runs on a CPU: align a tiny trained latent diffusion model towards larger discs.
+
+    python benchmarks/toy_alignment.py --out runs/toy --lr 1e-3   # about 30 minutes on 2 cores
+
+1. Pretrain: a tiny VAE and U-Net (sample.build_tiny's architecture) on 32 px images of a coloured disc on grey,
+   prompt "a <colour> circle", radius uniform in 3-12 px. The VAE must reconstruct; the U-Net must draw a disc
+   of the prompt's colour (both are measured and reported).
+2. Preferences: Pick-a-Pic-format pairs of two renders for one prompt; the larger disc is preferred.
+3. Align with the training scripts themselves, at the same budget (steps, pairs, lr, beta): NCP-DPO, latent
+   DPO, NCP-CPO and NCP-SFT, resuming from checkpoint to checkpoint.
+4. Measure at each checkpoint, on samples drawn with fixed seeds: the mean disc radius in pixels (the property
+   the preference rewards) and the implicit accuracy on held-out pairs (the policy prefers the winner more
+   than the base does, in the run's own space, averaged over fixed timesteps and noise).
+
+Writes OUT/results.json, OUT/results.md (the table) and OUT/radius.png (the plot). Deterministic given --seed.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import encoder  # noqa: E402
+import sample  # noqa: E402
+
+COLORS = data.COLORS
+GREY = (128, 128, 128)
+RUNS = [("ncp_dpo.py", "ncp"), ("ncp_dpo.py", "latent"), ("ncp_cpo.py", "ncp"), ("ncp_sft.py", "ncp")]
+
+
+def render(color, radius, rng, size=32):
+    """A disc of `radius` px in the named colour at a random place on grey. PIL image."""
+    image = Image.new("RGB", (size, size), GREY)
+    cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
+    ImageDraw.Draw(image).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=COLORS[color])
+    return image
+
+
+def to_pixels(images):
+    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1 for im in images])
+
+
+def disc_stats(pixels, colors):
+    """Radius in px (from the area that is not grey) and whether the disc has the prompt's colour. (N,), (N,)."""
+    grey = torch.tensor(GREY, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+    mask = (pixels - grey).abs().amax(dim=1) > 0.25  # (N, H, W)
+    radius = (mask.float().sum(dim=(1, 2)) / math.pi).sqrt()
+    mean = (pixels * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2)).clamp(min=1)[:, None]  # (N, 3)
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1
+    nearest = torch.cdist(mean, palette).argmin(dim=1)
+    right = nearest == torch.tensor([list(COLORS).index(c) for c in colors])
+    return radius, right & (mask.sum(dim=(1, 2)) > 0)
+
+
+# -----------------------------------------------------------------------------
+# 1. Pretraining
+
+
+def pretrain(out, seed, vae_steps, unet_steps, log):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    colors = [rng.choice(list(COLORS)) for _ in range(4096)]
+    pixels = to_pixels([render(c, rng.uniform(3, 12), rng) for c in colors])
+    models = sample.build_tiny("sd15", seed)
+    vae, unet = models.vae.train(), models.unet.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for step in range(vae_steps):
+        x = pixels[torch.randint(0, len(pixels), (32,))]
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == vae_steps - 1:
+            log(f"vae step {step}: loss {loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(x).latent_dist.mean for x in pixels.split(256)])
+        recon = torch.cat([vae.decode(m).sample for m in means[:256].split(64)]).clamp(-1, 1)
+    vae.register_to_config(scaling_factor=float(1 / means.std()))
+    r_true, _ = disc_stats(pixels[:256], colors[:256])
+    r_rec, right = disc_stats(recon, colors[:256])
+    vae_report = {"recon_mse": F.mse_loss(recon, pixels[:256]).item(), "radius_error_px": (r_rec - r_true).abs().mean().item(),
+                  "colour_right": right.float().mean().item()}
+    log(f"vae: {vae_report}")
+
+    latents = means * vae.config.scaling_factor
+    prompts = [f"a {c} circle" for c in COLORS]
+    with torch.no_grad():
+        hidden = sample.encode_prompt(models, prompts)["encoder_hidden_states"]
+    which = torch.tensor([list(COLORS).index(c) for c in colors])
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    sched = models.scheduler
+    for step in range(unet_steps):
+        idx = torch.randint(0, len(latents), (32,))
+        x0, noise = latents[idx], torch.randn(32, *latents.shape[1:])
+        t = torch.randint(0, sched.config.num_train_timesteps, (32,))
+        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=hidden[which[idx]]).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == unet_steps - 1:
+            log(f"unet step {step}: loss {loss.item():.4f}")
+    unet.eval().requires_grad_(False)
+    path = sample.save_pipeline(models, os.path.join(out, "base"))
+    return path, vae_report, float(r_true.mean())
+
+
+# -----------------------------------------------------------------------------
+# 2. Preference pairs
+
+
+def write_pairs(folder, split, n, seed):
+    rng = random.Random(seed)
+    rows = {k: [] for k in ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid",
+                            "has_label", "are_different"]}
+    for i in range(n):
+        color = rng.choice(list(COLORS))
+        r0 = rng.uniform(3, 12)
+        r1 = rng.choice([rng.uniform(3, max(3, r0 - 2)), rng.uniform(min(12, r0 + 2), 12)])
+        rows["caption"].append(f"a {color} circle")
+        rows["jpg_0"].append(data.jpeg_bytes(render(color, r0, rng), 95))
+        rows["jpg_1"].append(data.jpeg_bytes(render(color, r1, rng), 95))
+        rows["label_0"].append(float(r0 > r1))
+        rows["label_1"].append(float(r0 <= r1))
+        rows["image_0_uid"].append(f"{split}-{i}-0")
+        rows["image_1_uid"].append(f"{split}-{i}-1")
+        rows["has_label"].append(True)
+        rows["are_different"].append(True)
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(pa.table(rows), os.path.join(folder, f"{split}-00000-of-00001.parquet"), row_group_size=64)
+
+
+# -----------------------------------------------------------------------------
+# 4. Measurements
+
+
+@torch.no_grad()
+def sample_radius(base, lora_dir, n_per_color, seed):
+    from diffusers import EulerDiscreteScheduler
+
+    models = sample.load_models(base)
+    if lora_dir:
+        sample.load_lora(models.unet, lora_dir)
+    pipe = sample.make_pipeline(models)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    colors = [c for c in COLORS for _ in range(n_per_color)]
+    images = pipe([f"a {c} circle" for c in colors], num_inference_steps=25, guidance_scale=1.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(seed)).images * 2 - 1
+    radius, right = disc_stats(images.float(), colors)
+    return radius.mean().item(), right.float().mean().item(), images
+
+
+@torch.no_grad()
+def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 200, 400, 700)):
+    models = sample.load_models(base)
+    sample.load_lora(models.unet, lora_dir)
+    pairs, _ = data.preference_pairs(folder, "validation")
+    batch = [data.PreferenceDataset(pairs, 32, train=False)[i] for i in range(len(pairs))]
+    pixels = torch.cat([torch.stack([b["pixels"][0] for b in batch]), torch.stack([b["pixels"][1] for b in batch])])
+    g = torch.Generator().manual_seed(seed)
+    x0 = sample.encode_images(models.vae, pixels, generator=g)
+    cond = sample.encode_prompt(models, [b["caption"] for b in batch] * 2)
+    n, wins = len(batch), []
+    for step in timesteps:
+        t = torch.full((2 * n,), step)
+        noise = torch.randn(x0[:n].shape, generator=g).repeat(2, 1, 1, 1)
+        z = torch.randn(x0[:n].shape, generator=g).repeat(2, 1, 1, 1)
+        x_t = models.scheduler.add_noise(x0, noise, t)
+        errors = []
+        for policy in (True, False):
+            with encoder.base_weights(models.unet) if not policy else contextlib.nullcontext():
+                pred = models.unet(x_t, t, **cond).sample
+            err = encoder.latent_error(pred, noise) if space == "latent" else \
+                encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, depth)
+            errors.append(err)
+        e, ref = errors
+        inside = (ref[:n] - ref[n:]) - (e[:n] - e[n:])
+        wins.append((inside > 0).float() + 0.5 * (inside == 0).float())
+    return torch.stack(wins).mean().item()
+
+
+def plot(curves, path, title):
+    """A small line plot drawn with PIL: one coloured line per run, radius against step."""
+    w, h, m = 640, 400, 50
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    xs = sorted({s for c in curves.values() for s, _ in c})
+    ys = [v for c in curves.values() for _, v in c]
+    lo, hi = min(ys) - 0.2, max(ys) + 0.2
+    px = lambda s: m + (w - 2 * m) * (s - xs[0]) / max(1, xs[-1] - xs[0])  # noqa: E731
+    py = lambda v: h - m - (h - 2 * m) * (v - lo) / (hi - lo)  # noqa: E731
+    draw.line((m, h - m, w - m, h - m), fill="black")
+    draw.line((m, m, m, h - m), fill="black")
+    for s in xs:
+        draw.text((px(s) - 8, h - m + 5), str(s), fill="black")
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        draw.text((5, py(v) - 6), f"{v:.2f}", fill="black")
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for i, (name, c) in enumerate(curves.items()):
+        draw.line([(px(s), py(v)) for s, v in c], fill=palette[i % 6], width=2)
+        draw.text((w - m - 150, m + 14 * i), name, fill=palette[i % 6])
+    draw.text((m, 15), title, fill="black")
+    image.save(path)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/toy", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed for everything")
+    p.add_argument("--vae-steps", type=int, default=400, help="VAE pretraining steps")
+    p.add_argument("--unet-steps", type=int, default=1200, help="U-Net pretraining steps")
+    p.add_argument("--pairs", type=int, default=1024, help="training preference pairs")
+    p.add_argument("--checkpoints", default="0,25,50,100,200", help="steps at which to measure")
+    p.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate, every run")
+    p.add_argument("--beta", type=float, default=2500.0, help="beta, every run (SFT has none)")
+    p.add_argument("--samples-per-color", type=int, default=16, help="samples per prompt for the radius")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "log.txt"), "a")
+
+    def log(line):
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    base = os.path.join(args.out, "base")
+    if not os.path.isdir(base):
+        base, vae_report, data_radius = pretrain(args.out, args.seed, args.vae_steps, args.unet_steps, log)
+        json.dump({"vae": vae_report, "data_radius": data_radius}, open(os.path.join(args.out, "pretrain.json"), "w"))
+    pre = json.load(open(os.path.join(args.out, "pretrain.json")))
+    folder = os.path.join(args.out, "pairs")
+    write_pairs(folder, "train", args.pairs, args.seed + 1)
+    write_pairs(folder, "validation", 128, args.seed + 2)
+
+    radius0, right0, images = sample_radius(base, None, args.samples_per_color, args.seed)
+    Image.fromarray(((images[:16].permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).byte().reshape(-1, 32, 3).numpy()).save(
+        os.path.join(args.out, "base_samples.png"))
+    log(f"base model: mean radius {radius0:.2f} px (data {pre['data_radius']:.2f}), right colour {right0:.2f}")
+    steps = [int(s) for s in args.checkpoints.split(",")]
+    results = {"pretrain": pre, "base": {"radius": radius0, "colour_right": right0}, "runs": {}, "args": vars(args)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for script, space in RUNS:
+        name = f"{script[4:7]}-{space}"
+        out = os.path.join(args.out, name)
+        rows = [{"step": 0, "radius": radius0, "colour_right": right0, "heldout_accuracy": 0.5}]
+        for k in steps[1:]:
+            cmd = [sys.executable, os.path.join(ROOT, script), "--model", base, "--data", folder, "--space", space,
+                   "--output-dir", out, "--max-steps", str(k), "--global-batch-size", str(args.batch),
+                   "--micro-batch-size", str(args.batch), "--lr", str(args.lr), "--warmup-steps", "0", "--lora-rank", "8",
+                   "--resolution", "32", "--no-gradient-checkpointing", "--precision", "fp32",
+                   "--optimizer", "adamw", "--num-workers", "1", "--log-every", "25", "--seed", str(args.seed)]
+            cmd += ["--beta", str(args.beta)] if script != "ncp_sft.py" else []
+            cmd += ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
+            subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            radius, right, _ = sample_radius(base, out, args.samples_per_color, args.seed)
+            acc = heldout_accuracy(base, out, folder, space, "mid", args.seed)
+            rows.append({"step": k, "radius": radius, "colour_right": right, "heldout_accuracy": acc})
+            log(f"{name} step {k}: radius {radius:.2f} px, right colour {right:.2f}, held-out accuracy {acc:.3f}")
+        results["runs"][name] = rows
+    json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)
+    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " | held-out accuracy at the end |",
+             "| --- |" + " --- |" * (len(steps) + 1)]
+    for name, rows in results["runs"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['radius']:.2f}" for r in rows) + f" | {rows[-1]['heldout_accuracy']:.3f} |")
+    open(os.path.join(args.out, "results.md"), "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot({n: [(r["step"], r["radius"]) for r in rows] for n, rows in results["runs"].items()},
+         os.path.join(args.out, "radius.png"), "mean disc radius (px) of samples vs alignment step")
+
+
+if __name__ == "__main__":
+    main()
