@@ -232,7 +232,7 @@ def main():
     p.add_argument("--pairs", type=int, default=1024, help="training preference pairs")
     p.add_argument("--checkpoints", default="0,25,50,100,200", help="steps at which to measure")
     p.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate, every run")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, every run")
     p.add_argument("--beta", type=float, default=2500.0, help="beta, every run (SFT has none)")
     p.add_argument("--samples-per-color", type=int, default=16, help="samples per prompt for the radius")
     args = p.parse_args()
