@@ -279,8 +279,9 @@ def main(args):
             n = batch["pixels"].shape[0]  # B pairs; winners and losers are stacked to 2B below
             pixels = batch["pixels"].transpose(0, 1).flatten(0, 1).to(device)  # (2B, 3, R, R)
             x0 = sample.encode_images(models.vae, pixels, generator=g)  # (2B, 4, h, w)
-            cond = sample.encode_prompt(models, batch["caption"] * 2, batch["original_sizes"].transpose(0, 1).flatten(0, 1),
-                                        batch["crops_top_left"].transpose(0, 1).flatten(0, 1), [args.resolution] * 2)
+            cond = sample.encode_prompt(models, batch["caption"], batch["original_sizes"].transpose(0, 1).flatten(0, 1),
+                                        batch["crops_top_left"].transpose(0, 1).flatten(0, 1), [args.resolution] * 2,
+                                        repeat=2)  # one text encoding per pair, for winner and loser
             # One t, eps and z per pair, shared by winner and loser (removes noise from the comparison).
             t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g, device=device).repeat(2)
             noise = torch.randn(x0[:n].shape, generator=g, device=device).repeat(2, 1, 1, 1)

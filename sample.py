@@ -180,13 +180,15 @@ def make_pipeline(models):
 
 
 @torch.no_grad()
-def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, target_size=None):
+def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, target_size=None, repeat=1):
     """Captions -> cond, the keyword arguments of unet(x_t, t, **cond). The one place SD1.5 and SDXL differ.
 
     SD1.5: {"encoder_hidden_states": (B, 77, 768)}, the last hidden state of CLIP-L.
     SDXL:  {"encoder_hidden_states": (B, 77, 2048), the penultimate hidden states of both encoders concatenated,
             "added_cond_kwargs": {"text_embeds": (B, 1280) pooled, "time_ids": (B, 6)}}; time_ids are
            (original h, w, crop top, left, target h, w): original_sizes and crops_top_left are (B, 2).
+    repeat: each caption serves `repeat` images (winner and loser): the text is encoded once and its embeddings
+    repeated, B captions -> repeat * B rows; original_sizes and crops_top_left are then per image.
     """
     device = models.unet.device
     hidden, pooled = [], None
@@ -195,16 +197,17 @@ def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, ta
                         truncation=True, return_tensors="pt").input_ids.to(device)
         out = encoder(ids, output_hidden_states=models.kind == "sdxl")
         if models.kind == "sd15":
-            return {"encoder_hidden_states": out.last_hidden_state}
+            return repeat_cond({"encoder_hidden_states": out.last_hidden_state}, repeat)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # text_embeds of the projection model (the last encoder)
-    b = len(captions)
+    b = len(captions) * repeat
     size = torch.tensor(target_size or [models.unet.config.sample_size * 8] * 2, dtype=torch.float32).expand(b, 2)
     original = size if original_sizes is None else torch.as_tensor(original_sizes, dtype=torch.float32)
     crops = torch.zeros(b, 2) if crops_top_left is None else torch.as_tensor(crops_top_left, dtype=torch.float32)
     time_ids = torch.cat([original, crops, size], dim=1).to(device=device, dtype=pooled.dtype)  # (B, 6)
-    return {"encoder_hidden_states": torch.cat(hidden, dim=-1),
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    text = repeat_cond({"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}, repeat)
+    return {"encoder_hidden_states": text["encoder_hidden_states"],
+            "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids}}
 
 
 def repeat_cond(cond, n):

@@ -175,19 +175,21 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
     pixels = torch.cat([torch.stack([b["pixels"][0] for b in batch]), torch.stack([b["pixels"][1] for b in batch])])
     g = torch.Generator().manual_seed(seed)
     x0 = sample.encode_images(models.vae, pixels, generator=g)
-    cond = sample.encode_prompt(models, [b["caption"] for b in batch] * 2)
+    cond = sample.encode_prompt(models, [b["caption"] for b in batch], repeat=2)
     n, wins = len(batch), []
     for step in timesteps:
         t = torch.full((2 * n,), step)
         noise = torch.randn(x0[:n].shape, generator=g).repeat(2, 1, 1, 1)
         z = torch.randn(x0[:n].shape, generator=g).repeat(2, 1, 1, 1)
         x_t = models.scheduler.add_noise(x0, noise, t)
+        target = None if space == "latent" else \
+            encoder.target_features(models.unet, models.scheduler, x_t, t, noise, z, cond, depth)  # once for both
         errors = []
         for policy in (True, False):
             with encoder.base_weights(models.unet) if not policy else contextlib.nullcontext():
                 pred = models.unet(x_t, t, **cond).sample
             err = encoder.latent_error(pred, noise) if space == "latent" else \
-                encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, depth)
+                encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, depth, target)
             errors.append(err)
         e, ref = errors
         inside = (ref[:n] - ref[n:]) - (e[:n] - e[n:])

@@ -34,6 +34,13 @@ def test_sdxl_time_ids_follow_micro_conditioning(_tiny_models):
     assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[600, 400, 3, 4, 32, 32], [32, 32, 0, 0, 32, 32]]
 
 
+def test_repeat_encodes_each_caption_once_for_several_images(models):
+    sizes, crops = [[40, 32], [32, 32], [32, 48], [64, 64]], [[1, 2], [0, 0], [3, 4], [0, 8]]
+    once = sample.encode_prompt(models, ["a red circle", "a blue square"], sizes, crops, [32, 32], repeat=2)
+    twice = sample.encode_prompt(models, ["a red circle", "a blue square"] * 2, sizes, crops, [32, 32])
+    torch.testing.assert_close(once, twice)
+
+
 def test_images_encode_scaled_and_decode(_tiny_models):
     vae = _tiny_models["sd15"].vae
     pixels = torch.rand(5, 3, 32, 32) * 2 - 1
