@@ -14,6 +14,7 @@ or a hub dataset id (only the chosen split is fetched). write_synthetic makes a 
 """
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -245,9 +246,140 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 continue
             out = [resize_crop(image, self.resolution, u, v, flip) for image, _ in images]
             return {"pixels": torch.stack([o[0] for o in out]),  # (2, 3, R, R): winner, loser
-                    "original_sizes": torch.tensor([o[1] for o in out]), "crops_top_left": torch.tensor([o[2] for o in out]),
+                    "index": i, "original_sizes": torch.tensor([o[1] for o in out]), "crops_top_left": torch.tensor([o[2] for o in out]),
                     "caption": self.captions[i], "skipped": skipped, "converted": sum(c for _, c in images)}
         raise DataError(f"{self.max_tries} pairs in a row from pair {index} could not be decoded; is the data corrupt?")
+
+
+# -----------------------------------------------------------------------------
+# The latent cache: the VAE runs on each image once
+
+
+class LatentCache:
+    """VAE latents of every pair on disk, filled once and reused by every later run with the same key.
+
+    root/<key>/ holds NumPy arrays (memory-mapped, so ranks and DataLoader workers share them):
+        latents.npy  (n, 2, C, h, w) float16   winner, loser
+        micro.npy    (n, 2, 4) int32            SDXL micro-conditioning: original h, w, crop top, left
+        state.npy    (n, 2) int8                0 not yet encoded, 1 encoded, -1 the pair cannot be decoded
+        key.json     what the key is a hash of
+    The key hashes the pairs (captions, uids, shard rows: so the data, split and filter), each shard's name,
+    size and modification time, the resolution, and the encoder (the VAE's weights and dtype, given by the
+    caller): change any of them and another directory is used, so a stale latent is never read. Images are
+    centre-cropped and never flipped: the cache fixes the augmentation. Each latent is one sample of the VAE
+    posterior, drawn with a seed of its own (2 * pair + side).
+    """
+
+    def __init__(self, root, pairs, resolution, encoder_key, latent_shape):
+        shards = pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []
+        columns = pairs.select(["caption", "winner_uid", "loser_uid", "row", "winner_col"])
+        digest = hashlib.sha256()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, columns.schema) as writer:
+            writer.write_table(columns)
+        digest.update(sink.getvalue().to_pybytes())
+        digest.update(pairs["shard"].combine_chunks().indices.to_numpy(zero_copy_only=False).tobytes())
+        files = [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in shards]
+        self.key = {"pairs": digest.hexdigest(), "shards": files, "resolution": resolution,
+                    "encoder": encoder_key, "latent_shape": list(latent_shape)}
+        name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir, self.n, self.latent_shape = os.path.join(root, name), pairs.num_rows, tuple(latent_shape)
+        self._arrays = None
+
+    def create(self):
+        """Make the (sparse) arrays if they do not exist yet. Call on one process, before any other opens them."""
+        if os.path.exists(os.path.join(self.dir, "key.json")):
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        for name, dtype, shape in [("latents", np.float16, (self.n, 2, *self.latent_shape)),
+                                   ("micro", np.int32, (self.n, 2, 4)), ("state", np.int8, (self.n, 2))]:
+            np.lib.format.open_memmap(os.path.join(self.dir, f"{name}.npy"), "w+", dtype, shape).flush()
+        with open(os.path.join(self.dir, "key.json.tmp"), "w") as f:
+            json.dump(self.key, f, indent=1)
+        os.replace(os.path.join(self.dir, "key.json.tmp"), os.path.join(self.dir, "key.json"))  # written last
+
+    def arrays(self, mode="r"):
+        if self._arrays is None or self._arrays[0] != mode:
+            self._arrays = (mode, *(np.load(os.path.join(self.dir, f"{k}.npy"), mmap_mode=mode)
+                                    for k in ("latents", "micro", "state")))
+        return self._arrays[1:]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def missing(self, sides):
+        """Indices of the pairs whose images on these sides (0 winner, 1 loser) are not encoded yet."""
+        state = self.arrays()[2]
+        return np.flatnonzero((state[:, sides] == 0).any(axis=1))
+
+    def fill(self, dataset, encode, todo, rank=0, world_size=1, batch_size=8, num_workers=2, progress=False):
+        """Encode this rank's share of the pairs `todo` of `dataset` (a PreferenceDataset with train=False).
+
+        todo: self.missing(sides), read by every rank before any rank starts to fill. encode(pixels (N, 3, R, R),
+        seeds: list of N ints) -> latents (N, C, h, w). Progress is written after every batch, so an interrupted
+        fill goes on where it stopped. Returns {"encoded", "skipped", "converted"} for this rank.
+        """
+        from tqdm import tqdm
+
+        sides = [0] if dataset.winners_only else [0, 1]
+        todo = np.array_split(np.asarray(todo), world_size)[rank]  # contiguous shares: few shared pages
+        latents, micro, state = self.arrays("r+")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=todo.tolist(), num_workers=num_workers)
+        counts = {"encoded": 0, "skipped": 0, "converted": 0}
+        bar = tqdm(total=len(todo), disable=not progress, desc="latent cache", dynamic_ncols=True)
+        for start, batch in zip(range(0, len(todo), batch_size), loader):
+            asked = todo[start:start + batch_size]
+            good = batch["index"].numpy() == asked  # else the pair could not be decoded, and the next one came
+            state[asked[~good]] = -1
+            rows = asked[good]
+            if len(rows):
+                pixels = batch["pixels"][torch.from_numpy(good)]  # (b, sides, 3, R, R)
+                seeds = [2 * int(r) + s for s in sides for r in rows]
+                z = encode(pixels.transpose(0, 1).flatten(0, 1), seeds).view(len(sides), len(rows), *self.latent_shape)
+                sizes = torch.cat([batch["original_sizes"], batch["crops_top_left"]], dim=-1)[torch.from_numpy(good)]
+                for j, s in enumerate(sides):
+                    latents[rows, s] = z[j].cpu().numpy().astype(np.float16)
+                    micro[rows, s] = sizes[:, j].numpy()
+                latents.flush()
+                micro.flush()
+                state[np.ix_(rows, sides)] = 1  # only after the latents are on disk
+            state.flush()
+            counts["encoded"] += len(rows) * len(sides)
+            counts["skipped"] += int((~good).sum())
+            counts["converted"] += int(batch["converted"][torch.from_numpy(good)].sum())
+            bar.update(len(asked))
+        bar.close()
+        return counts
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """PreferenceDataset's items from a filled LatentCache: "latents" (2 or 1, C, h, w) in place of "pixels".
+
+    A pair marked as undecodable is replaced by the next cached pair and counted in "skipped", as in
+    PreferenceDataset. "converted" is 0: conversions were counted when the cache was filled.
+    """
+
+    def __init__(self, cache, pairs, winners_only=False):
+        self.cache, self.winners_only = cache, winners_only
+        self.captions = pairs["caption"].to_pylist()
+        self.sides = [0] if winners_only else [0, 1]
+
+    def __len__(self):
+        return self.cache.n
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        latents, micro, state = self.cache.arrays()
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            if (state[i, self.sides] == 1).all():
+                m = torch.from_numpy(np.array(micro[i, self.sides]))
+                return {"latents": torch.from_numpy(np.array(latents[i, self.sides])).float(), "index": i,
+                        "original_sizes": m[:, :2], "crops_top_left": m[:, 2:], "caption": self.captions[i],
+                        "skipped": attempt, "converted": 0}
+            if state[i, self.sides].min() == 0:
+                raise DataError(f"the latent cache {self.cache.dir} has no latents for pair {i}: fill it first")
+        raise DataError(f"the latent cache {self.cache.dir} holds no usable pair")
 
 
 # -----------------------------------------------------------------------------

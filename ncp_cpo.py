@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="absolute-winners: keep pairs whose winner never lost or drew (the paper's filter)")
     p.add_argument("--resolution", type=int, help="training resolution in pixels (default 512 / 1024 / 32)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    p.add_argument("--cache-latents", metavar="DIR", help="run the VAE on each image once, into DIR, and train on "
+                   "the cached latents (centre crops, no flips); any run with the same VAE, data, filter and "
+                   "resolution reuses them")
     # objective
     p.add_argument("--space", choices=["ncp", "latent"], default="ncp",
                    help="ncp: errors in the U-Net encoder's space at t-1 (eq. 15); latent: noise space (eq. 11)")
@@ -257,6 +260,10 @@ def main(args):
         if ddp:
             dist.barrier()
 
+    if args.cache_latents:  # after this, the VAE never runs again
+        dataset = sample.cached_dataset(dataset, args.cache_latents, models.vae, rank, world_size,
+                                        dist.barrier if ddp else None, args.micro_batch_size, args.num_workers, print0)
+
     # -------------------------------------------------------------------------
     # Data: an endless loader of this rank's micro-batches, starting where the run left off.
     loader = iter(data.make_loader(dataset, args.micro_batch_size, rank, world_size, args.seed,
@@ -274,9 +281,8 @@ def main(args):
         for micro in range(accum):
             batch = next(loader)
             g = torch.Generator(device).manual_seed(step_seed(args.seed, step, micro * world_size + rank))
-            n = batch["pixels"].shape[0]  # B pairs; winners and losers are stacked to 2B below
-            pixels = batch["pixels"].transpose(0, 1).flatten(0, 1).to(device)  # (2B, 3, R, R)
-            x0 = sample.encode_images(models.vae, pixels, generator=g)  # (2B, 4, h, w)
+            n = len(batch["caption"])  # B pairs; winners and losers are stacked to 2B below
+            x0 = sample.batch_latents(models.vae, batch, generator=g)  # (2B, 4, h, w): B winners, then B losers
             cond = sample.encode_prompt(models, batch["caption"], batch["original_sizes"].transpose(0, 1).flatten(0, 1),
                                         batch["crops_top_left"].transpose(0, 1).flatten(0, 1), [args.resolution] * 2,
                                         repeat=2)  # one text encoding per pair, for winner and loser

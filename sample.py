@@ -105,7 +105,8 @@ def load_models(model, dtype=torch.float32, device="cpu"):
         except OSError as e:
             raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
         models = Models(model, kind, unet, vae, encoders, tokenizers, scheduler)
-    fp16_unsafe_vae = kind == "sdxl" and source not in (SDXL, "tiny-sdxl")
+    # SDXL's original VAE overflows in half precision (its config says force_upcast); the fp16-fix one does not.
+    fp16_unsafe_vae = kind == "sdxl" and source not in (SDXL, "tiny-sdxl") and models.vae.config.force_upcast
     for module in [models.unet, models.vae, *models.text_encoders]:
         module.requires_grad_(False).eval()
         want = torch.float32 if module is models.vae and fp16_unsafe_vae else dtype
@@ -115,14 +116,14 @@ def load_models(model, dtype=torch.float32, device="cpu"):
     return models
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(max_length=16):
     from transformers import CLIPTokenizer
 
     vocab = {}
     for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":  # character-level: every word is its letters
         vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
 def build_tiny(kind="sd15", seed=0):
@@ -217,12 +218,61 @@ def repeat_cond(cond, n):
 
 @torch.no_grad()
 def encode_images(vae, pixels, generator=None, chunk=8):
-    """Pixels in [-1, 1], (N, 3, H, W) -> latents * scaling_factor, (N, 4, H/8, W/8) fp32, in chunks."""
+    """Pixels in [-1, 1], (N, 3, H, W) -> latents * scaling_factor, (N, 4, H/8, W/8) fp32, in chunks.
+
+    generator: one torch.Generator for the whole batch, or a list of N, one per image."""
     out = []
-    for x in pixels.split(chunk):
+    for i, x in zip(range(0, len(pixels), chunk), pixels.split(chunk)):
         dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        out.append(dist.sample(generator=generator).float())
+        out.append(dist.sample(generator=generator[i:i + chunk] if isinstance(generator, list) else generator).float())
     return torch.cat(out) * vae.config.scaling_factor
+
+
+def batch_latents(vae, batch, generator=None):
+    """A training batch -> x0 (B * images per pair, C, h, w), all winners first, then all losers.
+
+    From the latent cache when the batch holds "latents" (--cache-latents); else the VAE encodes "pixels"."""
+    if "latents" in batch:
+        return batch["latents"].transpose(0, 1).flatten(0, 1).to(vae.device, torch.float32)
+    return encode_images(vae, batch["pixels"].transpose(0, 1).flatten(0, 1), generator)
+
+
+def cached_dataset(dataset, root, vae, rank=0, world_size=1, barrier=None, batch_size=8, num_workers=2, log=print):
+    """Fill the latent cache under `root` for this PreferenceDataset's pairs, where needed; return a CachedDataset.
+
+    The VAE runs once per image over all ranks and runs: a later run, of any objective or space, with the same
+    VAE (weights and dtype), data, filter and resolution reads the cache and never runs the VAE."""
+    import hashlib
+
+    import data
+
+    barrier = barrier or (lambda: None)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    cache = data.LatentCache(root, dataset.pairs, dataset.resolution,
+                             {"vae": digest.hexdigest(), "dtype": str(vae.dtype), "scaling_factor": vae.config.scaling_factor},
+                             (vae.config.latent_channels, dataset.resolution // factor, dataset.resolution // factor))
+    if rank == 0:
+        cache.create()
+    barrier()
+    sides = [0] if dataset.winners_only else [0, 1]
+    todo = cache.missing(sides)
+    barrier()  # every rank has the same list before any rank writes
+    log(f"latent cache {cache.dir}: {cache.n - len(todo)} of {cache.n} pairs cached, {len(todo)} to encode")
+    if len(todo):
+        source = data.PreferenceDataset(dataset.pairs, dataset.resolution, train=False, winners_only=dataset.winners_only)
+        encode = lambda pixels, seeds: encode_images(  # noqa: E731
+            vae, pixels, [torch.Generator(vae.device).manual_seed(s) for s in seeds], chunk=batch_size)
+        counts = cache.fill(source, encode, todo, rank, world_size, batch_size, num_workers, progress=rank == 0)
+        log(f"latent cache: this rank encoded {counts['encoded']} images, skipped {counts['skipped']} undecodable "
+            f"pairs, converted {counts['converted']} images to RGB")
+        barrier()
+        if len(cache.missing(sides)):
+            raise data.DataError(f"the latent cache {cache.dir} is still incomplete after filling it")
+    return data.CachedDataset(cache, dataset.pairs, dataset.winners_only)
 
 
 @torch.no_grad()

@@ -1,65 +1,192 @@
 """Cost of one optimizer step for each objective (DPO, CPO, SFT) in each space (ncp, latent), side by side.
 
-    python benchmarks/step_cost.py --model tiny --steps 20                       # CPU
-    python benchmarks/step_cost.py --model sd15 --micro-batch-size 8 --steps 20  # GPU (weights must be present)
+    python benchmarks/step_cost.py --model tiny --steps 20                               # tiny model, CPU
+    python benchmarks/step_cost.py --arch sd15 --micro-batch-size 8 --steps 10 --flops   # SD1.5 at 512 px, GPU
+    python benchmarks/step_cost.py --arch sdxl --micro-batch-size 1 --steps 10 --flops   # SDXL at 1024 px, GPU
 
-Runs the training scripts themselves, one after another in this one invocation, with the same model, batch and
-precision, on synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the next
---steps are timed (the scripts' own step_time, averaged over that window). Reports seconds per step, pairs per
-second, peak memory (GPU: peak allocated; CPU: peak resident set of the process) and the NCP / latent ratio.
+Runs the training scripts themselves, one after another in this one invocation, with the same model, batch
+and precision, on synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
+next --steps are timed (the scripts' own step_time, averaged over that window). Reports seconds per step,
+pairs per second, peak memory (GPU: peak allocated; CPU: peak resident set of the process) and the NCP /
+latent ratio. The last row, dpo-ncp-cached, is NCP-DPO with --cache-latents (the cache is filled before the
+timed steps): the target is that it costs no more than dpo-latent, which runs the VAE.
+
+--arch builds the real SD1.5 or SDXL architecture (U-Net, VAE, text encoders) with random weights, in code,
+and saves it as a pipeline directory for --model DIR: speed, memory and FLOPs do not depend on the weights'
+values. Its tokenizer is character-level, padded to CLIP's 77 tokens, so the text encoders do the same work.
+
+--flops also counts the FLOPs of one optimizer step with torch.utils.flop_counter, in a separate one-step run
+without gradient checkpointing (model FLOPs: recomputation is not counted), and on a GPU the model FLOPs
+utilisation: FLOPs per step / timed seconds per step / the GPU's dense bf16 peak.
 """
 
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sample  # noqa: E402
+
 SCRIPTS = {"dpo": "ncp_dpo.py", "cpo": "ncp_cpo.py", "sft": "ncp_sft.py"}
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
 
 
-def measure(script, space, args, out):
-    cmd = [sys.executable, os.path.join(ROOT, script), "--model", args.model, "--space", space, "--data", "synthetic",
-           "--output-dir", out, "--max-steps", str(2 * args.steps), "--log-every", str(args.steps),
-           "--save-every", str(10**9), "--global-batch-size", str(args.micro_batch_size),
-           "--micro-batch-size", str(args.micro_batch_size), "--num-workers", str(args.num_workers), *args.extra]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]  # the second window: warm
+def build_random(kind, seed=0):
+    """The SD1.5 or SDXL architecture, every component at its real size, with random weights. sample.Models."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = sample._tiny_tokenizer(max_length=77)
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            hidden_act="quick_gelu", projection_dim=768, **ids)
+    if kind == "sdxl":
+        big_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                               hidden_act="gelu", projection_dim=1280, **ids)
+        encoders = [CLIPTextModel(clip_l), CLIPTextModelWithProjection(big_g)]
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+    else:
+        encoders = [CLIPTextModel(clip_l)]
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=1024 if kind == "sdxl" else 512, scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
+                        force_upcast=False)  # as the fp16-fix SDXL VAE the training scripts load: runs in bf16
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, prediction_type="epsilon")
+    return sample.Models(f"random-{kind}", kind, unet, vae, encoders, [tokenizer] * len(encoders), scheduler)
+
+
+def run(script, space, args, out, model, extra=(), steps=None, flops=False):
+    """Run one training script; return its last metrics record (the warm window), or the FLOPs of one step."""
+    flags = ["--model", model, "--space", space, "--data", "synthetic", "--output-dir", out,
+             "--global-batch-size", str(args.micro_batch_size), "--micro-batch-size", str(args.micro_batch_size),
+             "--num-workers", str(args.num_workers), "--save-every", str(10**9), *extra, *args.extra]
+    if flops:
+        cmd = [sys.executable, os.path.abspath(__file__), "--count-flops", script, "--",
+               *flags, "--max-steps", "1", "--no-gradient-checkpointing"]
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--max-steps", str(2 * steps), "--log-every", str(steps)]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    name = "flops.json" if flops else "metrics.jsonl"
+    with open(os.path.join(out, name)) as f:
+        return [json.loads(line) for line in f][-1]
+
+
+def count_flops(script, argv):
+    """Child process: run SCRIPT's main for one step under FlopCounterMode; write OUTPUT_DIR/flops.json."""
+    import importlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    args = module.parse_args(argv)
+    # On CPU the fused attention kernel is not counted by FlopCounterMode: count the same product as matmuls.
+    backend = sdpa_kernel(SDPBackend.MATH) if not torch.cuda.is_available() else sdpa_kernel(list(SDPBackend))
+    with backend, FlopCounterMode(display=False) as counter:
+        module.main(args)
+    with open(os.path.join(args.output_dir, "flops.json"), "w") as f:
+        json.dump({"flops": counter.get_total_flops()}, f)
+
+
+def peak_tflops():
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="any --model the training scripts take")
+    p.add_argument("--arch", choices=["sd15", "sdxl"], help="instead of --model: the real architecture, random weights")
     p.add_argument("--steps", type=int, default=20, help="warm-up steps, then as many timed steps")
     p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per step (one micro-batch, one rank)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--only", nargs="+", help="run only these rows (e.g. dpo-latent dpo-ncp)")
+    p.add_argument("--flops", action="store_true", help="also count FLOPs per step (and MFU on a GPU)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--count-flops", metavar="SCRIPT", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="more flags for the training scripts, after --")
     args = p.parse_args()
+    if args.count_flops:
+        sys.path.insert(0, ROOT)
+        return count_flops(args.count_flops, args.extra)
+
+    cuda = torch.cuda.is_available()
+    machine = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} cores)", "torch": torch.__version__, "python": platform.python_version()}
+    print(json.dumps(machine), flush=True)
+    rows = [(f"{o}-{s}", SCRIPTS[o], s, []) for o in SCRIPTS for s in ("latent", "ncp")]
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for objective, script in SCRIPTS.items():
-            for space in ("latent", "ncp"):
-                r = measure(script, space, args, os.path.join(tmp, f"{objective}-{space}"))
-                results[f"{objective}-{space}"] = {"step_s": r["step_time"], "pairs_per_s": r["pairs_per_s"],
-                                                   "peak_mem_gib": r["peak_mem_gib"]}
-                print(f"{objective} {space:6s}  {r['step_time']:.4f} s/step  {r['pairs_per_s']:.1f} pairs/s  "
-                      f"peak {r['peak_mem_gib']:.2f} GiB", flush=True)
-    print(f"\n| objective | latent s/step | ncp s/step | ncp / latent | latent peak GiB | ncp peak GiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for objective in SCRIPTS:
-        lat, ncp = results[f"{objective}-latent"], results[f"{objective}-ncp"]
-        ratio = ncp["step_s"] / lat["step_s"]
-        results[f"{objective}-ratio"] = ratio
-        print(f"| {objective} | {lat['step_s']:.4f} | {ncp['step_s']:.4f} | {ratio:.2f} | "
-              f"{lat['peak_mem_gib']:.2f} | {ncp['peak_mem_gib']:.2f} |")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        model = args.model
+        if args.arch:
+            model = os.path.join(tmp, f"random-{args.arch}")
+            models = build_random(args.arch)
+            for module in [models.unet, models.vae, *models.text_encoders]:
+                module.to(torch.bfloat16)  # half the bytes to write and read; the scripts cast to --precision
+            sample.save_pipeline(models, model)
+            del models
+        rows.append(("dpo-ncp-cached", "ncp_dpo.py", "ncp", ["--cache-latents", os.path.join(tmp, "cache")]))
+        for name, script, space, extra in rows:
+            if args.only and name not in args.only:
+                continue
+            r = run(script, space, args, os.path.join(tmp, name), model, extra, steps=args.steps)
+            results[name] = {"step_s": r["step_time"], "pairs_per_s": r["pairs_per_s"], "peak_mem_gib": r["peak_mem_gib"],
+                             "nonfinite_steps": r["nonfinite_steps"]}
+            if args.flops:
+                results[name]["tflops_per_step"] = run(script, space, args, os.path.join(tmp, name + "-flops"), model,
+                                                       extra, flops=True)["flops"] / 1e12
+                peak = args.peak_tflops or (peak_tflops() if cuda else None)
+                if peak:
+                    results[name]["mfu"] = results[name]["tflops_per_step"] / r["step_time"] / peak
+            print(name, json.dumps(results[name]), flush=True)
+
+    flops = args.flops
+    print(f"\n| row | s/step | pairs/s | peak GiB |{' TFLOP/step | MFU |' if flops else ''}")
+    print(f"| --- | --- | --- | --- |{' --- | --- |' if flops else ''}")
+    for name, r in results.items():
+        extra = f" {r['tflops_per_step']:.2f} | {r['mfu']:.1%} |" if "mfu" in r else (
+            f" {r['tflops_per_step']:.2f} | - |" if flops else "")
+        print(f"| {name} | {r['step_s']:.4f} | {r['pairs_per_s']:.2f} | {r['peak_mem_gib']:.2f} |{extra}")
+    print(f"\n| objective | ncp / latent (time) |{' ncp / latent (FLOPs) |' if flops else ''}")
+    print(f"| --- | --- |{' --- |' if flops else ''}")
+    ratios = {}
+    for objective in [*SCRIPTS, "dpo-cached"]:
+        ncp = "dpo-ncp-cached" if objective == "dpo-cached" else f"{objective}-ncp"
+        latent = f"{objective.split('-')[0]}-latent"
+        if ncp not in results or latent not in results:
+            continue
+        ratios[objective] = {"time": results[ncp]["step_s"] / results[latent]["step_s"]}
+        if flops:
+            ratios[objective]["flops"] = results[ncp]["tflops_per_step"] / results[latent]["tflops_per_step"]
+        print(f"| {objective} | {ratios[objective]['time']:.2f} |"
+              f"{' %.2f |' % ratios[objective]['flops'] if flops else ''}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"machine": machine, "args": vars(args), "results": results, "ratios": ratios}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""The benchmark's random architectures are the real ones, and step_cost.py measures what it says."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, env
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import step_cost  # noqa: E402
+
+# Parameter counts of the published checkpoints' components (their model cards / safetensors headers).
+PUBLISHED = {"sd15": {"unet": 859_520_964, "vae": 83_653_863, "text": [123_060_480]},
+             "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text": [123_060_480, 694_659_840]}}
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_random_architectures_have_the_published_sizes(kind):
+    with torch.device("meta"):  # shapes only: no memory, no time
+        models = step_cost.build_random(kind)
+    assert count(models.unet) == PUBLISHED[kind]["unet"] and count(models.vae) == PUBLISHED[kind]["vae"]
+    assert [count(e) for e in models.text_encoders] == PUBLISHED[kind]["text"]
+    assert models.kind == kind and models.tokenizers[0].model_max_length == 77
+
+
+def test_step_cost_on_the_tiny_model(tmp_path):
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--model", "tiny", "--steps", "1",
+           "--micro-batch-size", "2", "--num-workers", "0", "--flops", "--out", str(out),
+           "--only", "dpo-latent", "dpo-ncp", "dpo-ncp-cached", "--", "--optimizer", "adamw"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert set(rows) == {"dpo-latent", "dpo-ncp", "dpo-ncp-cached"}
+    assert all(r["step_s"] > 0 and r["peak_mem_gib"] > 0 and r["nonfinite_steps"] == 0 for r in rows.values())
+    # NCP adds encoder passes; the cache removes the VAE encode, which the tiny model's step also pays.
+    assert rows["dpo-ncp"]["tflops_per_step"] > rows["dpo-latent"]["tflops_per_step"] > 0
+    assert rows["dpo-ncp-cached"]["tflops_per_step"] < rows["dpo-ncp"]["tflops_per_step"]
+    assert report["ratios"]["dpo"]["flops"] == pytest.approx(rows["dpo-ncp"]["tflops_per_step"] / rows["dpo-latent"]["tflops_per_step"])
+    assert "| dpo |" in proc.stdout and "| dpo-cached |" in proc.stdout
