@@ -217,8 +217,9 @@ def main(args):
     models = sample.load_models(args.model, dtype, device)
     raw_unet, scheduler = models.unet, models.scheduler
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    lora_params = sample.add_lora(raw_unet, args.lora_rank)
-    lora_names = [n for n, p in raw_unet.named_parameters() if p.requires_grad]
+    sample.add_lora(raw_unet, args.lora_rank)
+    lora = {n: p for n, p in raw_unet.named_parameters() if p.requires_grad}  # one walk: names and tensors agree
+    lora_names, lora_params = list(lora), list(lora.values())
     if args.gradient_checkpointing:
         raw_unet.enable_gradient_checkpointing()
     unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet

@@ -10,6 +10,7 @@ the perceptual encoder, so no second copy of the weights is held.
     torchrun --nproc_per_node=4 ncp_dpo.py --model sd15 --data /data/pickapic_v2 --filter absolute-winners
     torchrun --nproc_per_node=4 ncp_dpo.py --model sd15 --space latent ...   # the latent Diffusion-DPO baseline
     torchrun --nproc_per_node=4 ncp_dpo.py --model sdxl --resume ...     # continue the run in --output-dir
+    torchrun --nproc_per_node=4 ncp_dpo.py --model sdxl --cache-latents /data/latents ...  # VAE once per image
 
 Outputs in --output-dir: pytorch_lora_weights.safetensors (diffusers' format: pipe.load_lora_weights(dir)),
 checkpoint.pt (everything needed to resume), metrics.jsonl and log.txt.
@@ -219,8 +220,9 @@ def main(args):
     models = sample.load_models(args.model, dtype, device)
     raw_unet, scheduler = models.unet, models.scheduler
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    lora_params = sample.add_lora(raw_unet, args.lora_rank)
-    lora_names = [n for n, p in raw_unet.named_parameters() if p.requires_grad]
+    sample.add_lora(raw_unet, args.lora_rank)
+    lora = {n: p for n, p in raw_unet.named_parameters() if p.requires_grad}  # one walk: names and tensors agree
+    lora_names, lora_params = list(lora), list(lora.values())
     if args.gradient_checkpointing:
         raw_unet.enable_gradient_checkpointing()
     unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet

@@ -3,9 +3,10 @@
     python benchmarks/step_cost.py --model tiny --steps 20                               # tiny model, CPU
     python benchmarks/step_cost.py --arch sd15 --micro-batch-size 8 --steps 10 --flops   # SD1.5 at 512 px, GPU
     python benchmarks/step_cost.py --arch sdxl --micro-batch-size 1 --steps 10 --flops   # SDXL at 1024 px, GPU
+    python benchmarks/step_cost.py --arch sdxl --encoder-share   # the encoder's FLOP share of a U-Net forward
 
 Runs the training scripts themselves, one after another in this one invocation, with the same model, batch
-and precision, on synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
+and precision, on the same synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
 next --steps are timed (the scripts' own step_time, averaged over that window). Reports seconds per step,
 pairs per second, peak memory (GPU: peak allocated; CPU: peak resident set of the process) and the NCP /
 latent ratio. The last row, dpo-ncp-cached, is NCP-DPO with --cache-latents (the cache is filled before the
@@ -32,6 +33,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import sample  # noqa: E402
 
 SCRIPTS = {"dpo": "ncp_dpo.py", "cpo": "ncp_cpo.py", "sft": "ncp_sft.py"}
@@ -71,13 +73,36 @@ def build_random(kind, seed=0):
                         sample_size=1024 if kind == "sdxl" else 512, scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
                         force_upcast=False)  # as the fp16-fix SDXL VAE the training scripts load: runs in bf16
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, prediction_type="epsilon")
+                              beta_end=0.012, clip_sample=False, prediction_type="epsilon", steps_offset=1)
     return sample.Models(f"random-{kind}", kind, unet, vae, encoders, [tokenizer] * len(encoders), scheduler)
 
 
-def run(script, space, args, out, model, extra=(), steps=None, flops=False):
+def encoder_share(kind):
+    """FLOPs of the perceptual encoder / FLOPs of a U-Net forward, one image at the model's resolution, for both
+    depths. Counted on the meta device: shapes only, no memory, no time."""
+    import encoder
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        models = build_random(kind)
+        size = models.unet.config.sample_size
+        x, t = torch.randn(1, 4, size, size), torch.tensor([500])
+        cond = {"encoder_hidden_states": torch.randn(1, 77, models.unet.config.cross_attention_dim)}
+        if kind == "sdxl":
+            cond["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
+    flops = {}
+    with torch.no_grad():
+        for name, fn in [("unet", lambda: models.unet(x, t, **cond)), ("down", lambda: encoder.down_stack(models.unet, x, t, cond, "down")),
+                         ("mid", lambda: encoder.down_stack(models.unet, x, t, cond, "mid"))]:
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops[name] = counter.get_total_flops()
+    return {"unet_tflops": flops["unet"] / 1e12, "down": flops["down"] / flops["unet"], "mid": flops["mid"] / flops["unet"]}
+
+
+def run(script, space, args, out, model, source, extra=(), steps=None, flops=False):
     """Run one training script; return its last metrics record (the warm window), or the FLOPs of one step."""
-    flags = ["--model", model, "--space", space, "--data", "synthetic", "--output-dir", out,
+    flags = ["--model", model, "--space", space, "--data", source, "--output-dir", out,
              "--global-batch-size", str(args.micro_batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--num-workers", str(args.num_workers), "--save-every", str(10**9), *extra, *args.extra]
     if flops:
@@ -123,8 +148,11 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="warm-up steps, then as many timed steps")
     p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per step (one micro-batch, one rank)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--rows", type=int, default=64, help="rows of synthetic data (fewer: a faster cache fill)")
     p.add_argument("--only", nargs="+", help="run only these rows (e.g. dpo-latent dpo-ncp)")
     p.add_argument("--flops", action="store_true", help="also count FLOPs per step (and MFU on a GPU)")
+    p.add_argument("--encoder-share", action="store_true", help="print the encoder's share of a U-Net forward "
+                   "for --arch (meta device, instant) and exit")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--count-flops", metavar="SCRIPT", help=argparse.SUPPRESS)
@@ -139,7 +167,13 @@ def main():
                f"{os.cpu_count()} cores)", "torch": torch.__version__, "python": platform.python_version()}
     print(json.dumps(machine), flush=True)
     rows = [(f"{o}-{s}", SCRIPTS[o], s, []) for o in SCRIPTS for s in ("latent", "ncp")]
-    results = {}
+    results, share = {}, None
+    if args.arch:
+        share = encoder_share(args.arch)
+        print(f"{args.arch}: U-Net forward {share['unet_tflops']:.3f} TFLOP an image; the encoder is {share['down']:.1%} "
+              f"of it through the down blocks, {share['mid']:.1%} through the mid block", flush=True)
+        if args.encoder_share:
+            return
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         model = args.model
         if args.arch:
@@ -149,16 +183,17 @@ def main():
                 module.to(torch.bfloat16)  # half the bytes to write and read; the scripts cast to --precision
             sample.save_pipeline(models, model)
             del models
+        source = data.write_synthetic(os.path.join(tmp, "data"), n=args.rows)  # one data set for all rows: one cache key
         rows.append(("dpo-ncp-cached", "ncp_dpo.py", "ncp", ["--cache-latents", os.path.join(tmp, "cache")]))
         for name, script, space, extra in rows:
             if args.only and name not in args.only:
                 continue
-            r = run(script, space, args, os.path.join(tmp, name), model, extra, steps=args.steps)
+            r = run(script, space, args, os.path.join(tmp, name), model, source, extra, steps=args.steps)
             results[name] = {"step_s": r["step_time"], "pairs_per_s": r["pairs_per_s"], "peak_mem_gib": r["peak_mem_gib"],
                              "nonfinite_steps": r["nonfinite_steps"]}
             if args.flops:
                 results[name]["tflops_per_step"] = run(script, space, args, os.path.join(tmp, name + "-flops"), model,
-                                                       extra, flops=True)["flops"] / 1e12
+                                                       source, extra, flops=True)["flops"] / 1e12
                 peak = args.peak_tflops or (peak_tflops() if cuda else None)
                 if peak:
                     results[name]["mfu"] = results[name]["tflops_per_step"] / r["step_time"] / peak
@@ -168,8 +203,8 @@ def main():
     print(f"\n| row | s/step | pairs/s | peak GiB |{' TFLOP/step | MFU |' if flops else ''}")
     print(f"| --- | --- | --- | --- |{' --- | --- |' if flops else ''}")
     for name, r in results.items():
-        extra = f" {r['tflops_per_step']:.2f} | {r['mfu']:.1%} |" if "mfu" in r else (
-            f" {r['tflops_per_step']:.2f} | - |" if flops else "")
+        extra = f" {r['tflops_per_step']:.4g} | {r['mfu']:.1%} |" if "mfu" in r else (
+            f" {r['tflops_per_step']:.4g} | - |" if flops else "")
         print(f"| {name} | {r['step_s']:.4f} | {r['pairs_per_s']:.2f} | {r['peak_mem_gib']:.2f} |{extra}")
     print(f"\n| objective | ncp / latent (time) |{' ncp / latent (FLOPs) |' if flops else ''}")
     print(f"| --- | --- |{' --- |' if flops else ''}")
@@ -186,7 +221,8 @@ def main():
               f"{' %.2f |' % ratios[objective]['flops'] if flops else ''}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "results": results, "ratios": ratios}, f, indent=1)
+            json.dump({"machine": machine, "args": vars(args), "encoder_share": share, "results": results, "ratios": ratios},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,11 @@ def test_step_cost_on_the_tiny_model(tmp_path):
     assert rows["dpo-ncp-cached"]["tflops_per_step"] < rows["dpo-ncp"]["tflops_per_step"]
     assert report["ratios"]["dpo"]["flops"] == pytest.approx(rows["dpo-ncp"]["tflops_per_step"] / rows["dpo-latent"]["tflops_per_step"])
     assert "| dpo |" in proc.stdout and "| dpo-cached |" in proc.stdout
+
+
+@pytest.mark.parametrize("kind, depth, published", [("sd15", "mid", 0.32), ("sdxl", "mid", 0.43)])
+def test_encoder_is_the_published_share_of_a_unet_forward(kind, depth, published):
+    """The method's cost analysis: the encoder through the mid block is 32% (SD1.5) / 43% (SDXL) of a forward."""
+    share = step_cost.encoder_share(kind)
+    assert share[depth] == pytest.approx(published, abs=0.01)
+    assert 0 < share["down"] < share["mid"] < 1
