@@ -271,14 +271,15 @@ class LatentCache:
     """
 
     def __init__(self, root, pairs, resolution, encoder_key, latent_shape):
-        shards = pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []
+        shard = pairs["shard"].combine_chunks()
+        shards = shard.dictionary.to_pylist() if pairs.num_rows else []
         columns = pairs.select(["caption", "winner_uid", "loser_uid", "row", "winner_col"])
         digest = hashlib.sha256()
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, columns.schema) as writer:
             writer.write_table(columns)
         digest.update(sink.getvalue().to_pybytes())
-        digest.update(pairs["shard"].combine_chunks().indices.to_numpy(zero_copy_only=False).tobytes())
+        digest.update(shard.indices.to_numpy(zero_copy_only=False).tobytes())
         files = [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in shards]
         self.key = {"pairs": digest.hexdigest(), "shards": files, "resolution": resolution,
                     "encoder": encoder_key, "latent_shape": list(latent_shape)}
@@ -330,13 +331,14 @@ class LatentCache:
         for start, batch in zip(range(0, len(todo), batch_size), loader):
             asked = todo[start:start + batch_size]
             good = batch["index"].numpy() == asked  # else the pair could not be decoded, and the next one came
+            keep = torch.from_numpy(good)
             state[asked[~good]] = -1
             rows = asked[good]
             if len(rows):
-                pixels = batch["pixels"][torch.from_numpy(good)]  # (b, sides, 3, R, R)
+                pixels = batch["pixels"][keep]  # (b, sides, 3, R, R)
                 seeds = [2 * int(r) + s for s in sides for r in rows]
                 z = encode(pixels.transpose(0, 1).flatten(0, 1), seeds).view(len(sides), len(rows), *self.latent_shape)
-                sizes = torch.cat([batch["original_sizes"], batch["crops_top_left"]], dim=-1)[torch.from_numpy(good)]
+                sizes = torch.cat([batch["original_sizes"], batch["crops_top_left"]], dim=-1)[keep]
                 for j, s in enumerate(sides):
                     latents[rows, s] = z[j].cpu().numpy().astype(np.float16)
                     micro[rows, s] = sizes[:, j].numpy()
@@ -346,7 +348,7 @@ class LatentCache:
             state.flush()
             counts["encoded"] += len(rows) * len(sides)
             counts["skipped"] += int((~good).sum())
-            counts["converted"] += int(batch["converted"][torch.from_numpy(good)].sum())
+            counts["converted"] += int(batch["converted"][keep].sum())
             bar.update(len(asked))
         bar.close()
         return counts
@@ -360,8 +362,7 @@ class CachedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache, pairs, winners_only=False):
-        self.cache, self.winners_only = cache, winners_only
-        self.captions = pairs["caption"].to_pylist()
+        self.cache, self.captions = cache, pairs["caption"].to_pylist()
         self.sides = [0] if winners_only else [0, 1]
 
     def __len__(self):

@@ -159,13 +159,13 @@ def main():
     p.add_argument("extra", nargs="*", help="more flags for the training scripts, after --")
     args = p.parse_args()
     if args.count_flops:
-        sys.path.insert(0, ROOT)
         return count_flops(args.count_flops, args.extra)
 
     cuda = torch.cuda.is_available()
     machine = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores)", "torch": torch.__version__, "python": platform.python_version()}
     print(json.dumps(machine), flush=True)
+    peak = args.peak_tflops or (peak_tflops() if cuda else None)
     rows = [(f"{o}-{s}", SCRIPTS[o], s, []) for o in SCRIPTS for s in ("latent", "ncp")]
     results, share = {}, None
     if args.arch:
@@ -194,7 +194,6 @@ def main():
             if args.flops:
                 results[name]["tflops_per_step"] = run(script, space, args, os.path.join(tmp, name + "-flops"), model,
                                                        source, extra, flops=True)["flops"] / 1e12
-                peak = args.peak_tflops or (peak_tflops() if cuda else None)
                 if peak:
                     results[name]["mfu"] = results[name]["tflops_per_step"] / r["step_time"] / peak
             print(name, json.dumps(results[name]), flush=True)
