@@ -4,6 +4,8 @@
     python benchmarks/step_cost.py --arch sd15 --micro-batch-size 8 --steps 10 --flops   # SD1.5 at 512 px, GPU
     python benchmarks/step_cost.py --arch sdxl --micro-batch-size 1 --steps 10 --flops   # SDXL at 1024 px, GPU
     python benchmarks/step_cost.py --arch sdxl --encoder-share   # the encoder's FLOP share of a U-Net forward
+    python benchmarks/step_cost.py --arch sdxl --resolution 512 --micro-batch-size 1 --steps 1 --only dpo-latent dpo-ncp
+                                                                # SDXL on a CPU with 24 GB: 1024 px does not fit in fp32
 
 Runs the training scripts themselves, one after another in this one invocation, with the same model, batch
 and precision, on the same synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
@@ -23,6 +25,7 @@ utilisation: FLOPs per step / timed seconds per step / the GPU's dense bf16 peak
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -77,15 +80,22 @@ def build_random(kind, seed=0):
     return sample.Models(f"random-{kind}", kind, unet, vae, encoders, [tokenizer] * len(encoders), scheduler)
 
 
-def encoder_share(kind):
-    """FLOPs of the perceptual encoder / FLOPs of a U-Net forward, one image at the model's resolution, for both
-    depths. Counted on the meta device: shapes only, no memory, no time."""
+def save_random(kind, path):
+    models = build_random(kind)
+    for module in [models.unet, models.vae, *models.text_encoders]:
+        module.to(torch.bfloat16)  # half the bytes to write and read; the scripts cast to --precision
+    sample.save_pipeline(models, path)
+
+
+def encoder_share(kind, resolution=None):
+    """FLOPs of the perceptual encoder / FLOPs of a U-Net forward, one image at `resolution` px (default: the
+    model's), for both depths. Counted on the meta device: shapes only, no memory, no time."""
     import encoder
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         models = build_random(kind)
-        size = models.unet.config.sample_size
+        size = resolution // 8 if resolution else models.unet.config.sample_size
         x, t = torch.randn(1, 4, size, size), torch.tensor([500])
         cond = {"encoder_hidden_states": torch.randn(1, 77, models.unet.config.cross_attention_dim)}
         if kind == "sdxl":
@@ -97,7 +107,7 @@ def encoder_share(kind):
             with FlopCounterMode(display=False) as counter:
                 fn()
             flops[name] = counter.get_total_flops()
-    return {"unet_tflops": flops["unet"] / 1e12, "down": flops["down"] / flops["unet"], "mid": flops["mid"] / flops["unet"]}
+    return {"size": size, "unet_tflops": flops["unet"] / 1e12, "down": flops["down"] / flops["unet"], "mid": flops["mid"] / flops["unet"]}
 
 
 def run(script, space, args, out, model, source, extra=(), steps=None, flops=False):
@@ -105,6 +115,8 @@ def run(script, space, args, out, model, source, extra=(), steps=None, flops=Fal
     flags = ["--model", model, "--space", space, "--data", source, "--output-dir", out,
              "--global-batch-size", str(args.micro_batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--num-workers", str(args.num_workers), "--save-every", str(10**9), *extra, *args.extra]
+    if args.resolution:
+        flags += ["--resolution", str(args.resolution)]
     if flops:
         cmd = [sys.executable, os.path.abspath(__file__), "--count-flops", script, "--",
                *flags, "--max-steps", "1", "--no-gradient-checkpointing"]
@@ -146,6 +158,7 @@ def main():
     p.add_argument("--model", default="tiny", help="any --model the training scripts take")
     p.add_argument("--arch", choices=["sd15", "sdxl"], help="instead of --model: the real architecture, random weights")
     p.add_argument("--steps", type=int, default=20, help="warm-up steps, then as many timed steps")
+    p.add_argument("--resolution", type=int, help="pixels (default: the model's, 512 for sd15, 1024 for sdxl)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per step (one micro-batch, one rank)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--rows", type=int, default=64, help="rows of synthetic data (fewer: a faster cache fill)")
@@ -169,8 +182,8 @@ def main():
     rows = [(f"{o}-{s}", SCRIPTS[o], s, []) for o in SCRIPTS for s in ("latent", "ncp")]
     results, share = {}, None
     if args.arch:
-        share = encoder_share(args.arch)
-        print(f"{args.arch}: U-Net forward {share['unet_tflops']:.3f} TFLOP an image; the encoder is {share['down']:.1%} "
+        share = encoder_share(args.arch, args.resolution)
+        print(f"{args.arch} at {args.resolution or 8 * share['size']} px: U-Net forward {share['unet_tflops']:.3f} TFLOP an image; the encoder is {share['down']:.1%} "
               f"of it through the down blocks, {share['mid']:.1%} through the mid block", flush=True)
         if args.encoder_share:
             return
@@ -178,11 +191,12 @@ def main():
         model = args.model
         if args.arch:
             model = os.path.join(tmp, f"random-{args.arch}")
-            models = build_random(args.arch)
-            for module in [models.unet, models.vae, *models.text_encoders]:
-                module.to(torch.bfloat16)  # half the bytes to write and read; the scripts cast to --precision
-            sample.save_pipeline(models, model)
-            del models
+            # In a child process: the freed heap of a 3.5B-parameter build would stay with this one for the whole run.
+            child = multiprocessing.get_context("spawn").Process(target=save_random, args=(args.arch, model))
+            child.start()
+            child.join()
+            if child.exitcode:
+                raise SystemExit(f"building the random {args.arch} pipeline failed (exit code {child.exitcode})")
         source = data.write_synthetic(os.path.join(tmp, "data"), n=args.rows)  # one data set for all rows: one cache key
         rows.append(("dpo-ncp-cached", "ncp_dpo.py", "ncp", ["--cache-latents", os.path.join(tmp, "cache")]))
         for name, script, space, extra in rows:
@@ -204,7 +218,7 @@ def main():
     for name, r in results.items():
         extra = f" {r['tflops_per_step']:.4g} | {r['mfu']:.1%} |" if "mfu" in r else (
             f" {r['tflops_per_step']:.4g} | - |" if flops else "")
-        print(f"| {name} | {r['step_s']:.4f} | {r['pairs_per_s']:.2f} | {r['peak_mem_gib']:.2f} |{extra}")
+        print(f"| {name} | {r['step_s']:.4f} | {r['pairs_per_s']:.3g} | {r['peak_mem_gib']:.2f} |{extra}")
     print(f"\n| objective | ncp / latent (time) |{' ncp / latent (FLOPs) |' if flops else ''}")
     print(f"| --- | --- |{' --- |' if flops else ''}")
     ratios = {}

@@ -55,3 +55,12 @@ def test_encoder_is_the_published_share_of_a_unet_forward(kind, depth, published
     share = step_cost.encoder_share(kind)
     assert share[depth] == pytest.approx(published, abs=0.01)
     assert 0 < share["down"] < share["mid"] < 1
+
+
+def test_encoder_share_at_another_resolution():
+    """--resolution: convolutions and projections scale with the pixels (1/4 at half the side), self-attention's
+    token-by-token products with their square (1/16), so a 512 px SDXL forward is between the two."""
+    full, half = step_cost.encoder_share("sdxl"), step_cost.encoder_share("sdxl", 512)
+    assert (full["size"], half["size"]) == (128, 64)
+    assert full["unet_tflops"] / 16 < half["unet_tflops"] < full["unet_tflops"] / 4
+    assert 0 < half["down"] < half["mid"] < 1
