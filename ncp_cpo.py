@@ -217,9 +217,8 @@ def main(args):
     models = sample.load_models(args.model, dtype, device)
     raw_unet, scheduler = models.unet, models.scheduler
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    sample.add_lora(raw_unet, args.lora_rank)
-    lora = {n: p for n, p in raw_unet.named_parameters() if p.requires_grad}  # one walk: names and tensors agree
-    lora_names, lora_params = list(lora), list(lora.values())
+    lora = sample.add_lora(raw_unet, args.lora_rank)  # {name: fp32 parameter}
+    lora_params = list(lora.values())
     if args.gradient_checkpointing:
         raw_unet.enable_gradient_checkpointing()
     unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet
@@ -238,7 +237,7 @@ def main(args):
     step, totals = 0, {"skipped_pairs": 0, "converted_images": 0, "nonfinite_steps": 0}  # over the whole run
     if ckpt is not None:
         with torch.no_grad():
-            for name, p in zip(lora_names, lora_params):
+            for name, p in lora.items():
                 p.copy_(ckpt["lora"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_schedule.load_state_dict(ckpt["lr_schedule"])
@@ -250,7 +249,7 @@ def main(args):
         print0(f"resumed from {args.output_dir}/checkpoint.pt at step {step} (data position {ckpt['data_position']})")
 
     def state():
-        return {"lora": {n: p.detach().cpu() for n, p in zip(lora_names, lora_params)}, "optimizer": optimizer.state_dict(),
+        return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "data_position": step * args.global_batch_size, "totals": totals, "args": vars(args),
                 "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}}

@@ -288,12 +288,12 @@ def decode_latents(vae, latents, chunk=8):
 
 
 def add_lora(unet, rank=64):
-    """Add a rank-r LoRA (alpha = r, gaussian init) on to_q/to_k/to_v/to_out.0; return its fp32 parameters."""
+    """Add a rank-r LoRA (alpha = r, gaussian init) on to_q/to_k/to_v/to_out.0; return {name: fp32 parameter}."""
     from peft import LoraConfig
 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    for p in params.values():
         p.data = p.data.float()  # LoRA weights train in fp32 while the frozen weights stay in half precision
     return params
 

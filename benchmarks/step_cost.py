@@ -81,6 +81,7 @@ def build_random(kind, seed=0):
 
 
 def save_random(kind, path):
+    """build_random(kind), saved as a diffusers pipeline directory in bf16."""
     models = build_random(kind)
     for module in [models.unet, models.vae, *models.text_encoders]:
         module.to(torch.bfloat16)  # half the bytes to write and read; the scripts cast to --precision
@@ -102,12 +103,14 @@ def encoder_share(kind, resolution=None):
             cond["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
     flops = {}
     with torch.no_grad():
-        for name, fn in [("unet", lambda: models.unet(x, t, **cond)), ("down", lambda: encoder.down_stack(models.unet, x, t, cond, "down")),
+        for name, fn in [("unet", lambda: models.unet(x, t, **cond)),
+                         ("down", lambda: encoder.down_stack(models.unet, x, t, cond, "down")),
                          ("mid", lambda: encoder.down_stack(models.unet, x, t, cond, "mid"))]:
             with FlopCounterMode(display=False) as counter:
                 fn()
             flops[name] = counter.get_total_flops()
-    return {"size": size, "unet_tflops": flops["unet"] / 1e12, "down": flops["down"] / flops["unet"], "mid": flops["mid"] / flops["unet"]}
+    return {"size": size, "unet_tflops": flops["unet"] / 1e12,
+            "down": flops["down"] / flops["unet"], "mid": flops["mid"] / flops["unet"]}
 
 
 def run(script, space, args, out, model, source, extra=(), steps=None, flops=False):
@@ -183,8 +186,9 @@ def main():
     results, share = {}, None
     if args.arch:
         share = encoder_share(args.arch, args.resolution)
-        print(f"{args.arch} at {args.resolution or 8 * share['size']} px: U-Net forward {share['unet_tflops']:.3f} TFLOP an image; the encoder is {share['down']:.1%} "
-              f"of it through the down blocks, {share['mid']:.1%} through the mid block", flush=True)
+        print(f"{args.arch} at {8 * share['size']} px: U-Net forward {share['unet_tflops']:.3f} TFLOP an image; "
+              f"the encoder is {share['down']:.1%} of it through the down blocks, {share['mid']:.1%} through the mid "
+              "block", flush=True)
         if args.encoder_share:
             return
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:

@@ -43,7 +43,7 @@ def test_dpo_loss_matches_official_formula_and_is_ln2_at_init():
 
 @pytest.mark.parametrize("space", ["ncp", "latent"])
 def test_one_step_lowers_winner_error_relative_to_reference(models, space):
-    params = sample.add_lora(models.unet, rank=4)
+    params = list(sample.add_lora(models.unet, rank=4).values())
     g = torch.Generator().manual_seed(1)
     for p in params:
         p.data = torch.randn(p.shape, generator=g) * 0.05  # off the identity, so the policy differs from the base

@@ -62,7 +62,7 @@ def test_down_stack_matches_unet_forward(models, depth):
 def _setup(models, seed=0):
     """A LoRA'd U-Net whose adapters are not the identity, and one noisy batch."""
     g = torch.Generator().manual_seed(seed)
-    lora = sample.add_lora(models.unet, rank=4)
+    lora = list(sample.add_lora(models.unet, rank=4).values())
     for p in lora:
         p.data = torch.randn(p.shape, generator=g) * 0.1
     x0, noise, z = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(3))

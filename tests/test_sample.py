@@ -60,7 +60,7 @@ def _randomize(params, seed=0):
 
 
 def test_lora_save_load_round_trip_is_exact(models, tmp_path):
-    params = sample.add_lora(models.unet, rank=4)
+    params = list(sample.add_lora(models.unet, rank=4).values())
     assert params and all(p.dtype == torch.float32 for p in params)
     _randomize(params)
     sample.save_lora(models.unet, str(tmp_path))
@@ -81,7 +81,7 @@ def test_saved_lora_loads_in_diffusers_pipeline_and_changes_output(models, tmp_p
     from diffusers import DiffusionPipeline
 
     pipe_dir = sample.save_pipeline(models, str(tmp_path / "pipe"))
-    params = sample.add_lora(models.unet, rank=4)
+    params = list(sample.add_lora(models.unet, rank=4).values())
     _randomize(params)
     sample.save_lora(models.unet, str(tmp_path / "lora"))
 

@@ -26,7 +26,7 @@ def prompts(tmp_path):
 def lora_dir(tmp_path):
     unet = sample.build_tiny().unet
     g = torch.Generator().manual_seed(0)
-    for p in sample.add_lora(unet, rank=4):
+    for p in sample.add_lora(unet, rank=4).values():
         p.data = torch.randn(p.shape, generator=g) * 0.3
     sample.save_lora(unet, str(tmp_path / "lora"))
     return str(tmp_path / "lora")
