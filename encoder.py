@@ -11,13 +11,38 @@ E is the base U-Net (LoRA adapters disabled, so no second copy of the weights) u
 ("down") or through the mid block ("mid"). Its weights get no gradient; gradients flow through it into
 `pred` and from there into the LoRA weights of the policy.
 
+Two ways to compute e^NCP (`method`), chosen by the precision the encoder runs in:
+
+- "direct" (fp32): E(x_{t-1}^pred) - E(x_{t-1}^*), two passes, exactly eq. 13.
+- "jvp" (bf16 / fp16): the two inputs differ by delta = x_{t-1}^pred - x_{t-1}^* = c_t (noise - pred), c_t of
+  0.004-0.03 on SD's schedule, so delta is 0.1-0.4% of x_{t-1}. bf16 resolves 0.4%: the direct path's two
+  inputs round to the same or adjacent values and its e^NCP is rounding noise (12x-116x too large on the SD1.5
+  architecture). Instead one forward-mode pass carries delta itself as a tangent, at its own scale:
+      E(x_{t-1}^pred) - E(x_{t-1}^*) = J_E(x_mid) delta + O(delta^3),   x_mid = (x_{t-1}^pred + x_{t-1}^*) / 2,
+  the central difference, exact to second order (within ~1e-4 of the fp32 direct value at a prediction
+  error of ~1 per element). The frozen weights stay in half precision; attention runs in its composite form
+  (the fused kernels have no forward-mode derivative). The policy's gradient flows through the tangent; x_mid
+  is a constant for it, which drops a term of relative size O(delta). For DPO the policy's and the
+  reference's errors share one primal point and the tangents J(d_pol + d_ref) and J(d_pol - d_ref), so that
+  their difference, the margin, keeps full relative precision too (perceptual_errors).
+  Its cost: a forward-mode pass is a primal and a tangent pass, about twice a forward.
+
 Copy this file as it is: it depends on torch and on a diffusers UNet2DConditionModel only.
 """
 
 from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+METHODS = ("direct", "jvp")
+
+
+def method_for(dtype):
+    """The e^NCP method for an encoder whose weights and autocast are `dtype`: "direct" in fp32, else "jvp"."""
+    return "direct" if dtype == torch.float32 else "jvp"
 
 
 def previous_sample(scheduler, x_t, t, eps, z):
@@ -100,15 +125,27 @@ def _base_features(unet, x, s, cond, depth):
         return down_stack(unet, x, s, cond, depth)
 
 
-def encode(unet, x, s, cond, depth="mid"):
-    """E(x, s, c) with the base weights. Safe under gradient checkpointing (see below). (B, C', h', w')."""
+def _base_tangent(unet, x, s, cond, depth, tangent):
+    """J_E(x) tangent: the forward-mode derivative of E at x along `tangent`, with the base weights."""
+    with base_weights(unet), _no_block_checkpointing(unet), sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
+        return fwAD.unpack_dual(down_stack(unet, fwAD.make_dual(x, tangent), s, cond, depth)).tangent
+
+
+def encode(unet, x, s, cond, depth="mid", tangent=None):
+    """E(x, s, c) with the base weights, or J_E(x) tangent if a tangent is given. (B, C', h', w').
+
+    Safe under gradient checkpointing (see below)."""
+    if tangent is None:
+        fn, inputs = _base_features, (unet, x, s, cond, depth)
+    else:
+        fn, inputs = _base_tangent, (unet, x, s, cond, depth, tangent)
     if torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
         # The blocks' own checkpointing would recompute them during backward, when the adapters are on
         # again, and silently differentiate the LoRA model instead of the base. So the blocks do not
         # checkpoint here; the whole encoder is checkpointed by a function that disables the adapters
         # itself, and its recomputation runs on the base weights too.
-        return checkpoint(_base_features, unet, x, s, cond, depth, use_reentrant=False)
-    return _base_features(unet, x, s, cond, depth)
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
 
 
 @torch.no_grad()
@@ -118,17 +155,59 @@ def target_features(unet, scheduler, x_t, t, noise, z, cond, depth="mid"):
     return encode(unet, x_prev, (t - 1).clamp(min=0), cond, depth)
 
 
-def perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth="mid", target=None):
+def perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth="mid", target=None, method="direct"):
     """Eq. 13: per-sample mean of (E(x_{t-1}^pred) - E(x_{t-1}^*))^2 with the base weights. (B,) fp32.
 
-    `target` may hold target_features(...) computed once and shared between the policy and reference
-    terms. Gradients flow into `pred`; the U-Net's weights get none from this call.
+    method "direct" (fp32) or "jvp" (half precision), see the module docstring. `target` may hold
+    target_features(...) computed once and shared between the policy and reference terms ("direct" only).
+    Gradients flow into `pred`; the U-Net's weights get none from this call.
     """
+    if method == "jvp":
+        return perceptual_errors(unet, scheduler, x_t, t, [pred], noise, z, cond, depth, method)[0]
+    if method != "direct":
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if target is None:
         target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth)
     x_prev = previous_sample(scheduler, x_t, t, pred, z)
     features = encode(unet, x_prev, (t - 1).clamp(min=0), cond, depth)
     return (features.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def perceptual_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth="mid", method="direct"):
+    """Eq. 13 for one or two predictions from the same x_t (policy, reference): [(B,) fp32], sharing the target.
+
+    "direct" computes the target features once for both. "jvp" linearises both at one shared point and carries
+    J (d_0 + d_1) and J (d_0 - d_1) as tangents: the policy-reference difference e_0 - e_1 = mean(J(d_0 + d_1) *
+    J(d_0 - d_1)) then keeps full relative precision, and so does the DPO margin built from it.
+    """
+    if method not in METHODS or not 1 <= len(preds) <= 2:
+        raise ValueError(f"method must be one of {METHODS} (got {method!r}), with one or two predictions")
+    if method == "jvp":
+        return _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth)
+    target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth)
+    return [perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth, target) for pred in preds]
+
+
+def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth):
+    x_star = previous_sample(scheduler, x_t.float(), t, noise, z)  # fp32 throughout: the steps are 0.1-0.4% of x
+    deltas = [previous_sample(scheduler, x_t.float(), t, pred, z) - x_star for pred in preds]  # z cancels out
+    # The primal point: half way along the (mean) step, a central difference. A constant for the gradient.
+    x_mid = x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))
+    tangents = deltas if len(deltas) == 1 else [deltas[0] + deltas[1], deltas[0] - deltas[1]]
+    k, tangent = len(tangents), torch.cat(tangents)  # (kB, C, h, w)
+    # The JVP is linear in its tangent: pass each at unit scale (no fp16 underflow) and rescale after.
+    scale = tangent.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)
+    jd = encode(unet, x_mid.repeat(k, 1, 1, 1).to(x_t.dtype), (t - 1).clamp(min=0).repeat(k), _repeat(cond, k), depth,
+                tangent=(tangent / scale).to(x_t.dtype)).float() * scale  # (kB, C', h', w')
+    if k == 1:
+        return [jd.pow(2).mean(dim=(1, 2, 3))]
+    a, b = jd.chunk(2)  # J(d_0 + d_1), J(d_0 - d_1)
+    return [((a + b) / 2).pow(2).mean(dim=(1, 2, 3)), ((a - b) / 2).pow(2).mean(dim=(1, 2, 3))]
+
+
+def _repeat(cond, k):
+    """Every tensor of cond (nested dicts too) repeated k times along the batch."""
+    return {n: _repeat(v, k) if isinstance(v, dict) else v.repeat(k, *[1] * (v.dim() - 1)) for n, v in cond.items()}
 
 
 def latent_error(pred, noise):

@@ -223,6 +223,7 @@ def main(args):
         raw_unet.enable_gradient_checkpointing()
     unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    ncp_method = encoder.method_for(dtype)  # "jvp" in half precision, which cannot resolve one step: see encoder.py
 
     # -------------------------------------------------------------------------
     # Optimizer, schedule, resume.
@@ -297,7 +298,8 @@ def main(args):
                 if args.space == "latent":
                     err = encoder.latent_error(pred, noise)
                 else:
-                    err = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond, args.encoder_depth)
+                    err = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond, args.encoder_depth,
+                                                   method=ncp_method)
                 e_w, e_l = err.chunk(2)
                 loss, metrics = cpo_loss(e_w, e_l, args.beta, args.sft_weight)
                 scaler.scale(loss / accum).backward()

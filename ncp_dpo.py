@@ -226,6 +226,7 @@ def main(args):
         raw_unet.enable_gradient_checkpointing()
     unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    ncp_method = encoder.method_for(dtype)  # "jvp" in half precision, which cannot resolve one step: see encoder.py
 
     # -------------------------------------------------------------------------
     # Optimizer, schedule, resume.
@@ -301,12 +302,9 @@ def main(args):
                     ref_pred = raw_unet(x_t, t, **cond).sample  # the reference: the same U-Net, adapters off
                 if args.space == "latent":
                     err, ref_err = encoder.latent_error(pred, noise), encoder.latent_error(ref_pred, noise)
-                else:  # the target features are computed once and shared by the policy and reference terms
-                    target = encoder.target_features(raw_unet, scheduler, x_t, t, noise, z, cond, args.encoder_depth)
-                    err = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond, args.encoder_depth, target)
-                    with torch.no_grad():
-                        ref_err = encoder.perceptual_error(raw_unet, scheduler, x_t, t, ref_pred, noise, z, cond,
-                                                           args.encoder_depth, target)
+                else:  # eq. 13 for the policy and the reference, sharing the target (ref_pred carries no grad)
+                    err, ref_err = encoder.perceptual_errors(raw_unet, scheduler, x_t, t, [pred, ref_pred], noise, z,
+                                                             cond, args.encoder_depth, ncp_method)
                 e_w, e_l = err.chunk(2)
                 ref_e_w, ref_e_l = ref_err.chunk(2)
                 loss, metrics = dpo_loss(e_w, e_l, ref_e_w, ref_e_l, args.beta)

@@ -209,6 +209,7 @@ def main(args):
         raw_unet.enable_gradient_checkpointing()
     unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    ncp_method = encoder.method_for(dtype)  # "jvp" in half precision, which cannot resolve one step: see encoder.py
 
     # -------------------------------------------------------------------------
     # Optimizer, schedule, resume.
@@ -281,7 +282,8 @@ def main(args):
                 if args.space == "latent":
                     e_w = encoder.latent_error(pred, noise)
                 else:
-                    e_w = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond, args.encoder_depth)
+                    e_w = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond, args.encoder_depth,
+                                                   method=ncp_method)
                 loss, metrics = sft_loss(e_w)
                 scaler.scale(loss / accum).backward()
             for k, v in metrics.items():

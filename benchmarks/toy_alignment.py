@@ -1,6 +1,8 @@
 """A learning proof that runs on a CPU: align a tiny trained latent diffusion model towards larger discs.
 
-    python benchmarks/toy_alignment.py --out runs/toy --lr 1e-3   # about 30 minutes on 2 cores
+    python benchmarks/toy_alignment.py --out runs/toy --base benchmarks/results/toy/base   # the saved base model
+    python benchmarks/toy_alignment.py --out runs/toy --base benchmarks/results/toy/base --runs dpo-ncp,dpo-latent \
+        --precision bf16 --seeds 0,1,2
 
 1. Pretrain: a tiny VAE and U-Net (sample.build_tiny's architecture) on 32 px images of a coloured disc on grey,
    prompt "a <colour> circle", radius uniform in 3-12 px. The VAE must reconstruct; the U-Net must draw a disc
@@ -40,6 +42,7 @@ import sample  # noqa: E402
 COLORS = data.COLORS
 GREY = (128, 128, 128)
 RUNS = [("ncp_dpo.py", "ncp"), ("ncp_dpo.py", "latent"), ("ncp_cpo.py", "ncp"), ("ncp_sft.py", "ncp")]
+SCRIPTS = ["ncp_dpo.py", "ncp_cpo.py", "ncp_sft.py"]
 
 
 def render(color, radius, rng, size=32):
@@ -225,10 +228,37 @@ def plot(curves, path, title):
 # -----------------------------------------------------------------------------
 
 
+def run_name(name, args, seed):
+    return f"{name}-{args.precision}-beta{args.beta:g}-lr{args.lr:g}-seed{seed}"
+
+
+def summarise(runs, steps):
+    """Runs that differ only by seed -> one row: mean and spread (min-max) of the radius at each checkpoint."""
+    groups = {}
+    for key, rows in runs.items():
+        groups.setdefault(key.rsplit("-seed", 1)[0], []).append(rows)
+    lines = ["| run | seeds | " + " | ".join(f"step {s}" for s in steps) + " | held-out accuracy at the end |",
+             "| --- | --- |" + " --- |" * (len(steps) + 1)]
+    for group, members in groups.items():
+        cells = []
+        for i in range(len(steps)):
+            values = [m[i]["radius"] for m in members if len(m) > i]
+            cells.append(f"{np.mean(values):.2f}" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""))
+        acc = [m[-1]["heldout_accuracy"] for m in members]
+        lines.append(f"| {group} | {len(members)} | " + " | ".join(cells) + f" | {np.mean(acc):.3f} |")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/toy", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed for everything")
+    p.add_argument("--out", default="runs/toy", help="output folder (results.json gathers every invocation's runs)")
+    p.add_argument("--base", help="a pretrained toy pipeline dir to reuse (default: OUT/base, pretrained if missing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pretraining, the pairs and the measurements")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of the alignment runs (LoRA init, order, noise)")
+    p.add_argument("--runs", default=",".join(f"{s[4:7]}-{sp}" for s, sp in RUNS),
+                   help="comma-separated runs: dpo-ncp, dpo-latent, cpo-ncp, sft-ncp, ...")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the training scripts' --precision (bf16: the default on a GPU, as autocast on this CPU)")
     p.add_argument("--vae-steps", type=int, default=400, help="VAE pretraining steps")
     p.add_argument("--unet-steps", type=int, default=1200, help="U-Net pretraining steps")
     p.add_argument("--pairs", type=int, default=1024, help="training preference pairs")
@@ -246,11 +276,11 @@ def main():
         log_file.write(line + "\n")
         log_file.flush()
 
-    base = os.path.join(args.out, "base")
+    base = args.base or os.path.join(args.out, "base")
     if not os.path.isdir(base):
         base, vae_report, data_radius = pretrain(args.out, args.seed, args.vae_steps, args.unet_steps, log)
-        json.dump({"vae": vae_report, "data_radius": data_radius}, open(os.path.join(args.out, "pretrain.json"), "w"))
-    pre = json.load(open(os.path.join(args.out, "pretrain.json")))
+        json.dump({"vae": vae_report, "data_radius": data_radius}, open(os.path.join(base, "pretrain.json"), "w"))
+    pre = json.load(open(os.path.join(base, "pretrain.json")))
     folder = os.path.join(args.out, "pairs")
     write_pairs(folder, "train", args.pairs, args.seed + 1)
     write_pairs(folder, "validation", 128, args.seed + 2)
@@ -260,35 +290,41 @@ def main():
         os.path.join(args.out, "base_samples.png"))
     log(f"base model: mean radius {radius0:.2f} px (data {pre['data_radius']:.2f}), right colour {right0:.2f}")
     steps = [int(s) for s in args.checkpoints.split(",")]
-    results = {"pretrain": pre, "base": {"radius": radius0, "colour_right": right0}, "runs": {}, "args": vars(args)}
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {"runs": {}}
+    results.update({"pretrain": pre, "base": {"radius": radius0, "colour_right": right0}})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for script, space in RUNS:
-        name = f"{script[4:7]}-{space}"
-        out = os.path.join(args.out, name)
-        rows = [{"step": 0, "radius": radius0, "colour_right": right0, "heldout_accuracy": 0.5}]
-        for k in steps[1:]:
-            cmd = [sys.executable, os.path.join(ROOT, script), "--model", base, "--data", folder, "--space", space,
-                   "--output-dir", out, "--max-steps", str(k), "--global-batch-size", str(args.batch),
-                   "--micro-batch-size", str(args.batch), "--lr", str(args.lr), "--warmup-steps", "0", "--lora-rank", "8",
-                   "--resolution", "32", "--no-gradient-checkpointing", "--precision", "fp32",
-                   "--optimizer", "adamw", "--num-workers", "1", "--log-every", "25", "--seed", str(args.seed)]
-            cmd += ["--beta", str(args.beta)] if script != "ncp_sft.py" else []
-            cmd += ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
-            subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            radius, right, _ = sample_radius(base, out, args.samples_per_color, args.seed)
-            acc = heldout_accuracy(base, out, folder, space, "mid", args.seed)
-            rows.append({"step": k, "radius": radius, "colour_right": right, "heldout_accuracy": acc})
-            log(f"{name} step {k}: radius {radius:.2f} px, right colour {right:.2f}, held-out accuracy {acc:.3f}")
-        results["runs"][name] = rows
-    json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)
-    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " | held-out accuracy at the end |",
-             "| --- |" + " --- |" * (len(steps) + 1)]
-    for name, rows in results["runs"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['radius']:.2f}" for r in rows) + f" | {rows[-1]['heldout_accuracy']:.3f} |")
+    scripts = {f"{s[4:7]}-{sp}": (s, sp) for s in SCRIPTS for sp in ("ncp", "latent")}
+    for name in args.runs.split(","):
+        script, space = scripts[name]
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            key = run_name(name, args, seed)
+            out = os.path.join(args.out, key)
+            rows = [{"step": 0, "radius": radius0, "colour_right": right0, "heldout_accuracy": 0.5}]
+            for k in steps[1:]:
+                cmd = [sys.executable, os.path.join(ROOT, script), "--model", base, "--data", folder, "--space", space,
+                       "--output-dir", out, "--max-steps", str(k), "--global-batch-size", str(args.batch),
+                       "--micro-batch-size", str(args.batch), "--lr", str(args.lr), "--warmup-steps", "0",
+                       "--lora-rank", "8", "--resolution", "32", "--no-gradient-checkpointing", "--precision",
+                       args.precision, "--optimizer", "adamw", "--num-workers", "1", "--log-every", "25",
+                       "--seed", str(seed)]
+                cmd += ["--beta", str(args.beta)] if script != "ncp_sft.py" else []
+                cmd += ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
+                subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                radius, right, _ = sample_radius(base, out, args.samples_per_color, args.seed)
+                acc = heldout_accuracy(base, out, folder, space, "mid", args.seed)
+                rows.append({"step": k, "radius": radius, "colour_right": right, "heldout_accuracy": acc})
+                log(f"{key} step {k}: radius {radius:.2f} px, right colour {right:.2f}, held-out accuracy {acc:.3f}")
+            results["runs"][key] = rows
+            json.dump(results, open(path, "w"), indent=1)  # after every run: an interrupted sweep keeps its runs
+    lines = summarise(results["runs"], steps)
     open(os.path.join(args.out, "results.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot({n: [(r["step"], r["radius"]) for r in rows] for n, rows in results["runs"].items()},
-         os.path.join(args.out, "radius.png"), "mean disc radius (px) of samples vs alignment step")
+    curves = {}
+    for key, rows in results["runs"].items():
+        curves.setdefault(key.rsplit("-seed", 1)[0], []).append([r["radius"] for r in rows])
+    plot({g: [(s, float(np.mean([c[i] for c in cs]))) for i, s in enumerate(steps)] for g, cs in curves.items()},
+         os.path.join(args.out, "radius.png"), "mean disc radius (px) of samples vs alignment step (mean over seeds)")
 
 
 if __name__ == "__main__":

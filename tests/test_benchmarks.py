@@ -64,3 +64,19 @@ def test_encoder_share_at_another_resolution():
     assert (full["size"], half["size"]) == (128, 64)
     assert full["unet_tflops"] / 16 < half["unet_tflops"] < full["unet_tflops"] / 4
     assert 0 < half["down"] < half["mid"] < 1
+
+
+def test_precision_benchmark_on_the_tiny_model(tmp_path):
+    """precision.py: the scripts' half-precision path meets the targets against fp32; the direct one in bf16 does
+    not (what the JVP path fixes), while latent-space errors are unaffected by the encoder's method."""
+    import precision
+
+    out = tmp_path / "precision.json"
+    results = precision.main(["--model", "tiny", "--pairs", "8", "--paths", "fp32,bf16,bf16-direct", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == {"fp32", "bf16", "bf16-direct"}
+    jvp, direct = results["bf16"], results["bf16-direct"]
+    assert jvp["ncp"]["e_rel_median"] < 0.05 and jvp["ncp"]["grad_cosine"] > 0.99
+    assert jvp["ncp"]["pairs_not_negligible"] > 0 and jvp["ncp"]["sign_agreement"] >= 0.95
+    assert direct["ncp"]["e_rel_median"] > 0.5  # the rounding floor the JVP removes
+    assert jvp["latent"] == direct["latent"]
+    assert all(results[p]["encoder_cost"]["tflops"] > 0 for p in results)

@@ -140,3 +140,99 @@ def test_target_features_can_be_shared_and_gradient_checkpointing_gives_same_gra
         torch.testing.assert_close(err.detach(), again)  # precomputed target == target computed inside
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# -----------------------------------------------------------------------------
+# Half precision: the "jvp" method the scripts use in bf16 / fp16, against the exact fp32 "direct" one
+
+
+def _old_perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth):
+    """eq. 13 written out: two passes of the base encoder at t-1, the mean squared feature difference."""
+    s = (t - 1).clamp(min=0)
+    with torch.no_grad(), encoder.base_weights(unet):
+        target = encoder.down_stack(unet, encoder.previous_sample(scheduler, x_t, t, noise, z), s, cond, depth)
+    with encoder.base_weights(unet):
+        features = encoder.down_stack(unet, encoder.previous_sample(scheduler, x_t, t, pred, z), s, cond, depth)
+    return (features.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def test_fp32_path_is_bit_equal_to_eq13_written_out(models):
+    _, x_t, t, noise, z, cond = _setup(models)
+    pred = noise + 0.3 * torch.randn_like(noise)
+    assert encoder.method_for(torch.float32) == "direct"
+    expected = _old_perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
+    assert torch.equal(encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid"), expected)
+    both = encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, [pred, noise + 0.1], noise, z, cond, "mid",
+                                     encoder.method_for(torch.float32))
+    assert torch.equal(both[0], expected)
+
+
+def _half_setup(models, n=8):
+    """A policy LoRA that differs from the base, n pairs at timesteps over [0, 1000) (t < 50 included)."""
+    g = torch.Generator().manual_seed(3)
+    lora = sample.add_lora(models.unet, rank=4)
+    with torch.no_grad():
+        for name, p in lora.items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x0 = torch.randn(2 * n, 4, 8, 8, generator=g)
+    noise, z = (torch.randn(n, 4, 8, 8, generator=g).repeat(2, 1, 1, 1) for _ in range(2))
+    t = torch.tensor([0, 3, 20, 49, 150, 400, 700, 999][:n]).repeat(2)
+    cond = sample.encode_prompt(models, ["a red circle"] * n, repeat=2)
+    return lora, models.scheduler.add_noise(x0, noise, t), t, noise, z, cond
+
+
+def _dpo_figures(models, lora, x_t, t, noise, z, cond, dtype):
+    """e^NCP of policy and reference, the DPO margins and the loss gradient on the LoRA, as ncp_dpo.py runs them."""
+    unet = models.unet
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        pred = unet(x_t, t, **cond).sample
+        with torch.no_grad(), encoder.base_weights(unet):
+            ref_pred = unet(x_t, t, **cond).sample
+        e, ref_e = encoder.perceptual_errors(unet, models.scheduler, x_t, t, [pred, ref_pred], noise, z,
+                                             cond, "mid", encoder.method_for(dtype))
+    inside = ref_e - e
+    margin = inside.chunk(2)[0] - inside.chunk(2)[1]
+    loss = -torch.nn.functional.logsigmoid(2500 * margin).mean()
+    grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(lora.values()))])
+    return e.detach(), margin.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_perceptual_error_agrees_with_fp32(models, dtype):
+    import copy
+
+    lora, x_t, t, noise, z, cond = _half_setup(models)
+    e32, margin32, grad32 = _dpo_figures(models, lora, x_t, t, noise, z, cond, torch.float32)
+    half = copy.deepcopy(models)
+    half.unet.to(dtype)
+    lora_half = {n: p for n, p in half.unet.named_parameters() if "lora" in n}
+    for p in lora_half.values():
+        p.data = p.data.float()  # as sample.add_lora keeps them
+    e, margin, grad = _dpo_figures(half, lora_half, x_t, t, noise, z, cond, dtype)
+    rel = ((e - e32).abs() / e32).median()
+    assert rel < 0.05, f"median relative error of e^NCP {rel:.3f}"
+    big = margin32.abs() >= 0.01 * e32.view(2, -1).mean(0)
+    assert big.sum() >= 4 and (torch.sign(margin[big]) == torch.sign(margin32[big])).all()
+    assert torch.nn.functional.cosine_similarity(grad, grad32, dim=0) > 0.99
+
+
+def test_linearised_error_matches_direct_in_fp32_with_grad_and_checkpointing(models):
+    """The "jvp" method in fp32 against the exact one, at t = 0 too; checkpointing changes nothing."""
+    _, x_t, t, noise, z, cond = _setup(models)
+    pred = (noise + 0.5 * torch.randn_like(noise)).requires_grad_()
+    exact = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
+    g_exact, = torch.autograd.grad(exact.sum(), pred)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            models.unet.enable_gradient_checkpointing()
+        lin = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid", method="jvp")
+        torch.testing.assert_close(lin, exact, rtol=2e-3, atol=0)
+        grads.append(torch.autograd.grad(lin.sum(), pred)[0])
+        assert _adapters_on(models.unet)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert torch.nn.functional.cosine_similarity(grads[0].flatten(), g_exact.flatten(), dim=0) > 0.999
+    zero = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise, noise, z, cond, "mid", method="jvp")
+    assert torch.all(zero == 0)
