@@ -325,7 +325,8 @@ class LatentCache:
         sides = [0] if dataset.winners_only else [0, 1]
         todo = np.array_split(np.asarray(todo), world_size)[rank]  # contiguous shares: few shared pages
         latents, micro, state = self.arrays("r+")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=todo.tolist(), num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=todo.tolist(), num_workers=num_workers,
+                                             worker_init_fn=ignore_stop_signals)
         counts = {"encoded": 0, "skipped": 0, "converted": 0}
         bar = tqdm(total=len(todo), disable=not progress, desc="latent cache", dynamic_ncols=True)
         for start, batch in zip(range(0, len(todo), batch_size), loader):
@@ -421,12 +422,24 @@ class PairSampler(torch.utils.data.Sampler):
             position += chunk
 
 
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker init: leave SIGTERM and SIGINT to the main process.
+
+    Slurm and torchrun signal the whole process group. A worker that died of it would take the main process down
+    with it ("DataLoader worker ... is killed by signal") before it could save; this way the main process stops at
+    its next micro-batch, saves, and shuts its workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, micro_batch, rank=0, world_size=1, seed=0, start=0, num_workers=2):
     """An endless DataLoader of micro-batches for this rank, starting at global position `start`."""
     sampler = PairSampler(len(dataset), micro_batch, rank, world_size, seed, start)
     return torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                                       prefetch_factor=4 if num_workers > 0 else None)
+                                       prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
 
 # -----------------------------------------------------------------------------

@@ -14,9 +14,11 @@ checkpoint.pt (everything needed to resume), metrics.jsonl and log.txt.
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -65,9 +67,10 @@ PRESETS = {
                  max_steps=60, lora_rank=8, gradient_checkpointing=False),
 }
 ENCODER_DEPTH = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: mid block for SD1.5, not for SDXL
-# A checkpoint can only be continued by a run that agrees on these.
-RUN_IDENTITY = ["objective", "model", "space", "sft_weight", "encoder_depth", "lora_rank", "data", "split", "filter",
-                "resolution", "global_batch_size", "seed"]
+# On --resume the flags not given take the checkpoint's values. These may be given anew and are applied; any
+# other would change what the checkpoint's LoRA, optimizer state or data position mean, and is refused.
+RESUME_MAY_CHANGE = ["max_steps", "lr", "beta", "save_every", "log_every", "num_workers", "cache_latents",
+                     "dist_timeout"]
 
 
 def parse_args(argv=None):
@@ -107,11 +110,19 @@ def parse_args(argv=None):
                    help="recompute activations in backward (default on, off for tiny)")
     # run
     p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default runs/ncp-cpo-MODEL)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the LoRA init, data order, t, noise and z")
+    p.add_argument("--seed", type=int, default=0, help="seed for the LoRA init, data order, t, noise and z (0 to 2^32 - 1)")
     p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log averaged metrics every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
-    return p.parse_args(argv)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; flags not given "
+                   "take the checkpoint's values, and only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+                   + " may change")
+    p.add_argument("--dist-timeout", type=float, default=60.0, help="minutes a collective waits for a slow rank "
+                   "(default: %(default)s; NCCL's own is 10)")
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again without defaults: what the command line itself says
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
+    return args
 
 
 def fill_defaults(args, kind):
@@ -130,9 +141,8 @@ def fill_defaults(args, kind):
 def check_run(args, world_size):
     """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
     per_step = args.micro_batch_size * world_size
-    if min(args.global_batch_size, args.micro_batch_size, args.max_steps) <= 0 or args.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
-                         f"--micro-batch-size x world size = {args.micro_batch_size} x {world_size} = {per_step}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if not os.path.exists(path):
         if args.resume:
@@ -142,16 +152,59 @@ def check_run(args, world_size):
     if not args.resume:
         raise ValueError(f"{args.output_dir} holds a run at step {ckpt['step']}: pass --resume to continue it, "
                          "or choose another --output-dir")
-    old = ckpt["args"]
-    differ = [f"{k}: {old.get(k)!r} there, {getattr(args, k)!r} here" for k in RUN_IDENTITY if old.get(k) != getattr(args, k)]
-    if differ:
-        raise ValueError(f"{path} belongs to another run ({'; '.join(differ)})")
+    changed, refused = [], []
+    for key, before in ckpt["args"].items():
+        if key in ("resume", "output_dir") or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(args, key, before)  # not on the command line: the run's own value
+        elif getattr(args, key) != before:
+            (changed if key in RESUME_MAY_CHANGE else refused).append(f"{key.replace('_', '-')} {before} -> {getattr(args, key)}")
+    if refused:
+        raise ValueError(f"--resume cannot change {'; '.join(refused)}: the checkpoint's LoRA, optimizer state and data "
+                         f"position belong to its own values (only {', '.join(RESUME_MAY_CHANGE)} may change)")
+    if args.max_steps < ckpt["step"]:
+        raise ValueError(f"--max-steps {args.max_steps}: the checkpoint is already at step {ckpt['step']}")
+    args.changed_on_resume = changed
     return ckpt
+
+
+def check_batch(args, world_size):
+    """Fail fast on batch sizes that do not divide over the ranks."""
+    per_step = args.micro_batch_size * world_size
+    if min(args.global_batch_size, args.micro_batch_size) <= 0 or args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
+                         f"--micro-batch-size x world size = {args.micro_batch_size} x {world_size} = {per_step}")
+    if args.max_steps <= 0:
+        raise ValueError(f"--max-steps {args.max_steps} must be positive")
 
 
 def step_seed(seed, step, k):
     """A distinct seed for each (step, global micro-batch): results do not depend on the world size."""
-    return (seed * 1_000_003 + step) * 1_000_003 + k
+    return ((seed * 1_000_003 + step) * 1_000_003 + k) % 2**63
+
+
+def stop_signal(stop, ddp, device):
+    """The signal that asked the run to stop (0: none), the same on every rank: one tiny all-reduce."""
+    flag = torch.tensor([stop[0][0] if stop else 0], device=device)
+    if ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals):
+    """Clip, step (unless the gradient is not finite), advance the schedule. Returns (step + 1, grad norm, the lr used)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # DDP has averaged the grads: same on all ranks
+    if torch.isfinite(grad_norm):
+        scaler.step(optimizer)
+    else:  # a non-finite loss or gradient: skip the update, never write NaN into the LoRA
+        totals["nonfinite_steps"] += 1
+    scaler.update()
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the schedule's next is for the next step)
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step + 1, grad_norm, lr
 
 
 def peak_memory(cuda):
@@ -181,21 +234,40 @@ def main(args):
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if ddp:  # collectives wait --dist-timeout for a slow rank; slow work (downloads, the latent cache) waits apart
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
     master = rank == 0
 
     # -------------------------------------------------------------------------
-    # Check everything that can be checked before loading a model.
+    # Check everything that can be checked, then fetch and load the data and the models. Local rank 0 goes first,
+    # so that each node downloads from the hub once; the others read its files. A user error is one line on every
+    # rank, and a run that fails here leaves nothing behind.
+    slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if ddp else None  # waits for downloads
+    if ddp and local_rank != 0:
+        dist.barrier(group=slow)
+    error, fresh = None, False
     try:
         _, kind = sample.resolve_model(args.model)
         args = fill_defaults(args, kind)
+        fresh = not os.path.exists(args.output_dir)
+        check_batch(args, world_size)
         ckpt = check_run(args, world_size)
         source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data")) if args.data == "synthetic" else args.data
         pairs, counts = data.preference_pairs(source, args.split, args.filter)
         dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+        models = sample.load_models(args.model, dtype, device)
     except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
-        sys.exit(f"error: {e}")
+        error = f"error: {e}"
+    if ddp and local_rank == 0:
+        dist.barrier(group=slow)
+    failed = torch.tensor([float(error is not None)])
+    if ddp:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=slow)
+    if failed.item():
+        if fresh and master:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        sys.exit(error or f"error: another rank failed (rank {rank} was fine); see its message")
     accum = args.global_batch_size // (args.micro_batch_size * world_size)
     os.makedirs(args.output_dir, exist_ok=True)
     log_file = open(os.path.join(args.output_dir, "log.txt"), "a") if master else None
@@ -210,11 +282,11 @@ def main(args):
     print0(f"data: {json.dumps(counts)}")
     print0(f"{OBJECTIVE} in {args.space} space | {args.model} | world {world_size} x micro {args.micro_batch_size} x "
            f"accum {accum} = {args.global_batch_size} pairs/step | {args.precision} | {args.max_steps} steps")
+    if ckpt is not None and args.changed_on_resume:
+        print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
 
     # -------------------------------------------------------------------------
     # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    models = sample.load_models(args.model, dtype, device)
     raw_unet, scheduler = models.unet, models.scheduler
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
     lora = sample.add_lora(raw_unet, args.lora_rank)  # {name: fp32 parameter}
@@ -242,6 +314,8 @@ def main(args):
                 p.copy_(ckpt["lora"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        lr_schedule.base_lrs = [args.lr]  # this command's lr, which may have changed on resume
+        optimizer.param_groups[0]["lr"] = args.lr * lr_schedule.lr_lambdas[0](lr_schedule.last_epoch)
         scaler.load_state_dict(ckpt["scaler"])
         step, totals = ckpt["step"], ckpt["totals"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -252,7 +326,8 @@ def main(args):
     def state():
         return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "data_position": step * args.global_batch_size, "totals": totals, "args": vars(args),
+                "data_position": step * args.global_batch_size, "totals": totals,
+                "args": {k: v for k, v in vars(args).items() if k not in ("given", "changed_on_resume")},
                 "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}}
 
     def save():
@@ -269,17 +344,22 @@ def main(args):
     # Data: an endless loader of this rank's micro-batches, starting where the run left off.
     loader = iter(data.make_loader(dataset, args.micro_batch_size, rank, world_size, args.seed,
                                    start=step * args.global_batch_size, num_workers=args.num_workers))
-    stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, save, exit
+    stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): stop at the next micro-batch, save the last step, exit
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, frame: stop.append(s))
+        signal.signal(signum, lambda s, frame: stop.append((s, time.time())))
 
     # -------------------------------------------------------------------------
     # Training loop.
     window, window_steps, window_start = {}, 0, time.time()  # metrics summed since the last log line
     bad = torch.zeros(2, dtype=torch.float64)  # this rank's skipped pairs and converted images since the last log
+    stopping = 0  # the signal that stopped the run
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc=f"ncp-{OBJECTIVE}", dynamic_ncols=True)
     while step < args.max_steps:
+        step_metrics, step_bad = {}, torch.zeros(2, dtype=torch.float64)  # this step's, kept once it completes
         for micro in range(accum):
+            stopping = stop_signal(stop, ddp, device)  # every rank stops at the same micro-batch
+            if stopping:
+                break
             batch = next(loader)
             g = torch.Generator(device).manual_seed(step_seed(args.seed, step, micro * world_size + rank))
             n = len(batch["caption"])  # B pairs; winners and losers are stacked to 2B below
@@ -304,28 +384,22 @@ def main(args):
                 loss, metrics = cpo_loss(e_w, e_l, args.beta, args.sft_weight)
                 scaler.scale(loss / accum).backward()
             for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + v / accum
-            bad += torch.tensor([batch["skipped"].sum(), batch["converted"].sum()], dtype=torch.float64)
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
+            step_bad += torch.tensor([batch["skipped"].sum(), batch["converted"].sum()], dtype=torch.float64)
+        if stopping:  # drop the partial accumulation: the LoRA and optimizer state of the last step are intact
+            optimizer.zero_grad(set_to_none=True)
+            print0(f"{signal.Signals(stopping).name}: stopping at step {step}, {micro} of {accum} micro-batches dropped")
+        else:
+            step, grad_norm, lr = optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals)
+            for k, v in step_metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+            bad += step_bad
+            window_steps += 1
+            bar.update(1)
 
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # DDP has averaged the grads: same on all ranks
-        if torch.isfinite(grad_norm):
-            scaler.step(optimizer)
-        else:  # a non-finite loss or gradient: skip the update, never write NaN into the LoRA
-            totals["nonfinite_steps"] += 1
-        scaler.update()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
-        window_steps += 1
-        bar.update(1)
-
-        flags = torch.tensor([float(bool(stop))], device=device)
-        if ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        save_now = step % args.save_every == 0 or step == args.max_steps or flags.item()
-        if step % args.log_every == 0 or save_now:  # the totals a checkpoint holds are the logged ones
+        save_now = step % args.save_every == 0 or step == args.max_steps or stopping
+        if window_steps and (step % args.log_every == 0 or save_now):  # the totals a checkpoint holds are the logged ones
             names = sorted(window)
             values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / window_steps
             bad = bad.to(device)
@@ -336,7 +410,7 @@ def main(args):
             totals["skipped_pairs"] += int(bad[0])
             totals["converted_images"] += int(bad[1])
             elapsed = (time.time() - window_start) / window_steps
-            record = {"step": step, **{k: v.item() for k, v in zip(names, values)}, "lr": lr_schedule.get_last_lr()[0],
+            record = {"step": step, **{k: v.item() for k, v in zip(names, values)}, "lr": lr,
                       "step_time": elapsed, "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(cuda),
                       **totals}
             if master:
@@ -347,8 +421,9 @@ def main(args):
             window, window_steps, window_start, bad = {}, 0, time.time(), torch.zeros(2, dtype=torch.float64)
         if save_now:
             save()
-        if flags.item():
-            print0(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
+        if stopping:
+            print0(f"checkpoint of step {step} saved {time.time() - stop[0][1]:.1f} s after the signal"
+                   if stop else f"checkpoint of step {step} saved; continue with --resume")
             break
 
     # -------------------------------------------------------------------------
@@ -363,8 +438,8 @@ def main(args):
     print0(f"done: step {step}, LoRA in {args.output_dir}/{sample.LORA_FILE}")
     if ddp:
         dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + stop[0])
+    if stopping:
+        sys.exit(128 + stopping)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -269,9 +270,14 @@ def cached_dataset(dataset, root, vae, rank=0, world_size=1, barrier=None, batch
         counts = cache.fill(source, encode, todo, rank, world_size, batch_size, num_workers, progress=rank == 0)
         log(f"latent cache: this rank encoded {counts['encoded']} images, skipped {counts['skipped']} undecodable "
             f"pairs, converted {counts['converted']} images to RGB")
-        barrier()
-        if len(cache.missing(sides)):
-            raise data.DataError(f"the latent cache {cache.dir} is still incomplete after filling it")
+        # Wait for the other ranks by watching the cache, not at a barrier: a fill can take hours longer on one
+        # rank than on another, and a collective would time out.
+        last = time.time()
+        while len(left := cache.missing(sides)):
+            if time.time() - last > 60:
+                log(f"latent cache: waiting for the other ranks, {len(left)} pairs still to encode")
+                last = time.time()
+            time.sleep(1)
     return data.CachedDataset(cache, dataset.pairs, dataset.winners_only)
 
 
@@ -319,7 +325,11 @@ def load_lora(unet, lora_dir, adapter_name="default"):
     path = os.path.join(lora_dir, LORA_FILE)
     if not os.path.isfile(path):
         raise ModelError(f"no LoRA weights at {path}")
-    unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix="unet", adapter_name=adapter_name)
+    try:
+        unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix="unet", adapter_name=adapter_name)
+    except (RuntimeError, ValueError) as e:  # shapes or names of another model's U-Net
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise ModelError(f"the LoRA in {lora_dir} does not fit this model's U-Net (trained on another one?): {first}") from None
     return unet
 
 
@@ -406,6 +416,8 @@ def main(args):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     try:  # every check before a model is loaded or a file written
@@ -422,9 +434,15 @@ def main(args):
     from diffusers import EulerDiscreteScheduler
     from tqdm import tqdm
 
-    models = load_models(args.model, dtype, device)
-    if args.lora:
-        load_lora(models.unet, args.lora)
+    try:
+        models = load_models(args.model, dtype, device)
+        if args.lora:
+            load_lora(models.unet, args.lora)
+    except ModelError as e:
+        sys.exit(f"error: {e}")
+    # A VAE that asks for force_upcast stays in fp32 for training; here the pipeline itself upcasts it to decode, and
+    # it wants the VAE in the pipeline's dtype to begin with.
+    models.vae.to(dtype)
     pipe = make_pipeline(models)
     pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -105,4 +105,4 @@ def test_cpo_checkpoint_refuses_another_sft_weight(tmp_path):
     train("ncp_cpo.py", tmp_path, "--model", "tiny", "--max-steps", "1")
     proc = train("ncp_cpo.py", tmp_path, "--model", "tiny", "--max-steps", "2", "--resume", "--sft-weight", "0",
                  check=False)
-    assert proc.returncode != 0 and "sft_weight: 1.0 there, 0.0 here" in proc.stdout
+    assert proc.returncode != 0 and "--resume cannot change sft-weight 1.0 -> 0.0" in proc.stdout

@@ -81,6 +81,26 @@ def test_bad_sampling_input_fails_cleanly(tmp_path, prompts):
         assert not os.path.exists(tmp_path / "o")  # nothing half-written
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sdxl_pipeline_dir_whose_vae_asks_for_upcast_samples_in_half_precision(tmp_path, prompts, precision):
+    """A local SDXL pipeline with the original VAE (force_upcast): kept fp32 for training, upcast by the pipeline."""
+    models = sample.build_tiny("sdxl")
+    models.vae.register_to_config(force_upcast=True)
+    pipe_dir = sample.save_pipeline(models, str(tmp_path / "sdxl"))
+    assert sample.load_models(pipe_dir, torch.bfloat16).vae.dtype == torch.float32  # training: fp32 VAE
+    sample.main(sample.parse_args(["--model", pipe_dir, "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                                   str(tmp_path / "o"), "--steps", "2", "--resolution", "32", "--precision", precision]))
+    assert len([n for n in os.listdir(tmp_path / "o") if n.endswith("_0.png")]) == 3
+
+
+def test_a_lora_of_another_model_is_one_clear_line(tmp_path, prompts, lora_dir):
+    with pytest.raises(SystemExit) as e:  # lora_dir was trained on tiny (SD1.5-like); tiny-sdxl's shapes differ
+        sample.main(sample.parse_args(["--model", "tiny-sdxl", "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                                       str(tmp_path / "o"), "--lora", lora_dir]))
+    message = str(e.value.code)
+    assert message.startswith("error: the LoRA in") and "does not fit" in message and "\n" not in message
+
+
 # -----------------------------------------------------------------------------
 # evaluate.py
 
