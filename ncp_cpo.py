@@ -60,62 +60,78 @@ def cpo_loss(e_w, e_l, beta, sft_weight):
 
 PRESETS = {
     "sd15": dict(resolution=512, global_batch_size=512, micro_batch_size=8, lr=5.12e-6, warmup_steps=250,
-                 max_steps=1500, lora_rank=64, gradient_checkpointing=True),
+                 max_steps=1500, lora_rank=64, gradient_checkpointing=True, filter="absolute-winners"),
     "sdxl": dict(resolution=1024, global_batch_size=512, micro_batch_size=1, lr=5.12e-6, warmup_steps=500,
-                 max_steps=2000, lora_rank=64, gradient_checkpointing=True),
+                 max_steps=2000, lora_rank=64, gradient_checkpointing=True, filter="absolute-winners"),
     "tiny": dict(resolution=32, global_batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=0,
-                 max_steps=60, lora_rank=8, gradient_checkpointing=False),
+                 max_steps=60, lora_rank=8, gradient_checkpointing=False, filter="none"),
 }
 ENCODER_DEPTH = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: mid block for SD1.5, not for SDXL
 # On --resume the flags not given take the checkpoint's values. These may be given anew and are applied; any
 # other would change what the checkpoint's LoRA, optimizer state or data position mean, and is refused.
-RESUME_MAY_CHANGE = ["max_steps", "lr", "beta", "save_every", "log_every", "num_workers", "cache_latents",
+RESUME_MAY_CHANGE = ["max_steps", "micro_batch_size", "lr", "beta", "save_every", "log_every", "num_workers", "cache_latents", "report_to",
+                     "validation_prompts", "validation_every",
                      "dist_timeout"]
+
+
+def preset(key):
+    """What --help says of a flag whose default comes from the model's preset."""
+    values = {model: settings[key] for model, settings in PRESETS.items()}
+    return "(default: " + ", ".join(f"{model} {value}" for model, value in values.items()) + ")"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id")
+    p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
     p.add_argument("--encoder-depth", choices=["down", "mid"], help="perceptual encoder: down blocks, or through "
                    "the mid block (default: mid for SD1.5-like, down for SDXL-like)")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r); default 64 (8 for tiny)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + preset("lora_rank"))
     # data
-    p.add_argument("--data", default=data.PICKAPIC, help="Pick-a-Pic parquet dir or glob, hub dataset id, or 'synthetic'")
-    p.add_argument("--split", default="train", help="dataset split to train on")
-    p.add_argument("--filter", choices=["none", "absolute-winners"], default="none",
-                   help="absolute-winners: keep pairs whose winner never lost or drew (the paper's filter)")
-    p.add_argument("--resolution", type=int, help="training resolution in pixels (default 512 / 1024 / 32)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    p.add_argument("--data", default=data.PICKAPIC, help="Pick-a-Pic parquet dir or glob, hub dataset id, or 'synthetic' (default: %(default)s)")
+    p.add_argument("--split", default="train", help="dataset split to train on (default: %(default)s)")
+    p.add_argument("--filter", choices=["none", "absolute-winners"],
+                   help="absolute-winners: keep pairs whose winner never lost or drew, the paper's filter " + preset("filter"))
+    p.add_argument("--resolution", type=int, help="training resolution in pixels " + preset("resolution"))
+    p.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank (default: this node's "
+                   "cores per rank less one, at most 4)")
     p.add_argument("--cache-latents", metavar="DIR", help="run the VAE on each image once, into DIR, and train on "
                    "the cached latents (centre crops, no flips); any run with the same VAE, data, filter and "
                    "resolution reuses them")
     # objective
     p.add_argument("--space", choices=["ncp", "latent"], default="ncp",
                    help="ncp: errors in the U-Net encoder's space at t-1 (eq. 15); latent: noise space (eq. 11)")
-    p.add_argument("--beta", type=float, default=2500.0, help="CPO beta on the winner-loser error gap")
+    p.add_argument("--beta", type=float, default=2500.0, help="CPO beta on the winner-loser error gap (default: %(default)s)")
     p.add_argument("--sft-weight", type=float, default=1.0,
-                   help="weight of the behaviour-cloning term on winners (1.0: the CPO paper; 0: the NCP authors' code)")
+                   help="weight of the behaviour-cloning term on winners, 1.0: the CPO paper, 0: the NCP authors' code "
+                   "(default: %(default)s)")
     # optimization
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default 1500 / 2000 / 60)")
-    p.add_argument("--global-batch-size", type=int, help="pairs per optimizer step over all ranks (default 512)")
-    p.add_argument("--micro-batch-size", type=int, help="pairs per forward per rank (default 8 / 1 / 8)")
-    p.add_argument("--lr", type=float, help="learning rate, constant after warmup (default 5.12e-6)")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 250 / 500 / 0)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps " + preset("max_steps"))
+    p.add_argument("--global-batch-size", type=int, help="pairs per optimizer step over all ranks " + preset("global_batch_size"))
+    p.add_argument("--micro-batch-size", type=int, help="pairs per forward per rank, lowered to divide the global batch over the ranks if not given "
+                   + preset("micro_batch_size"))
+    p.add_argument("--lr", type=float, help="learning rate, constant after warmup " + preset("lr"))
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps " + preset("warmup_steps"))
     p.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit",
-                   help="adamw8bit: bitsandbytes 8-bit AdamW; adamw: torch AdamW in fp32")
+                   help="adamw8bit: bitsandbytes 8-bit AdamW; adamw: torch AdamW in fp32 (default: %(default)s)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="frozen weights and autocast dtype; LoRA weights stay fp32 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in backward (default on, off for tiny)")
+                   help="recompute activations in backward " + preset("gradient_checkpointing"))
     # run
-    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default runs/ncp-cpo-MODEL)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the LoRA init, data order, t, noise and z (0 to 2^32 - 1)")
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="log averaged metrics every N steps")
+    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/cpo-SPACE-MODEL, with -FILTER unless none)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the LoRA init, data order, t, noise and z, 0 to 2^32 - 1 (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps, and at the end (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=10, help="log averaged metrics every N steps (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; flags not given "
                    "take the checkpoint's values, and only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
                    + " may change")
+    # seeing the run
+    p.add_argument("--report-to", choices=["none", *sample.REPORTERS], default="none",
+                   help="also send the logged metrics and validation grids there, from rank 0 (default: %(default)s)")
+    p.add_argument("--validation-prompts", metavar="FILE", help="rank 0 samples a grid of these prompts, one image each "
+                   "with fixed seeds, into OUTPUT_DIR/samples/step_NNNNN.png at step 0 and every --validation-every steps")
+    p.add_argument("--validation-every", type=int, default=100, help="steps between validation grids (default: %(default)s)")
     p.add_argument("--dist-timeout", type=float, default=60.0, help="minutes a collective waits for a slow rank "
                    "(default: %(default)s; NCCL's own is 10)")
     args = p.parse_args(argv)
@@ -123,6 +139,10 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))
     return args
+
+
+def cores_per_rank():
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def fill_defaults(args, kind):
@@ -133,7 +153,11 @@ def fill_defaults(args, kind):
             setattr(args, key, value)
     args.encoder_depth = args.encoder_depth or ENCODER_DEPTH[kind]
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    args.output_dir = args.output_dir or os.path.join("runs", f"ncp-{OBJECTIVE}-{os.path.basename(args.model.rstrip('/'))}")
+    if args.num_workers is None:  # workers beside the main process, without taking its cores
+        args.num_workers = max(0, min(4, cores_per_rank() - 1))
+    model = os.path.basename(args.model.rstrip("/"))
+    args.output_dir = args.output_dir or os.path.join("runs", "-".join([OBJECTIVE, args.space, model] +
+                                                                       [args.filter] * (args.filter != "none")))
     args.objective = OBJECTIVE
     return args
 
@@ -169,8 +193,12 @@ def check_run(args, world_size):
     return ckpt
 
 
-def check_batch(args, world_size):
-    """Fail fast on batch sizes that do not divide over the ranks."""
+def check_batch(args, world_size, fit=True):
+    """Fail fast on batch sizes that do not divide over the ranks. With fit, a micro-batch size that was not given
+    (the preset's) is lowered until it does: the presets run on 1, 2, 4 or 8 processes as they are."""
+    if fit and "micro_batch_size" not in args.given and args.global_batch_size % world_size == 0:
+        per_rank = args.global_batch_size // world_size
+        args.micro_batch_size = max(d for d in range(1, min(args.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
     per_step = args.micro_batch_size * world_size
     if min(args.global_batch_size, args.micro_batch_size) <= 0 or args.global_batch_size % per_step:
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
@@ -205,6 +233,23 @@ def optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals):
     lr_schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return step + 1, grad_norm, lr
+
+
+def run_args(args):
+    """The run's settings as a checkpoint stores them (without what this command line alone says)."""
+    return {k: v for k, v in vars(args).items() if k not in ("given", "changed_on_resume")}
+
+
+def validate(models, prompts, args, step, report, autocast):
+    """Rank 0: the validation grid of `step`, saved and reported. Returns (its path, the seconds it took)."""
+    start = time.time()
+    with autocast:
+        grid = sample.validation_grid(models, prompts, args.resolution, args.seed)
+    path = os.path.join(args.output_dir, "samples", f"step_{step:05d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    report.image("validation", grid, step)
+    return path, time.time() - start
 
 
 def peak_memory(cuda):
@@ -250,11 +295,13 @@ def main(args):
         _, kind = sample.resolve_model(args.model)
         args = fill_defaults(args, kind)
         fresh = not os.path.exists(args.output_dir)
-        check_batch(args, world_size)
         ckpt = check_run(args, world_size)
+        check_batch(args, world_size, fit=ckpt is None)
         source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data")) if args.data == "synthetic" else args.data
         pairs, counts = data.preference_pairs(source, args.split, args.filter)
         dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed)
+        validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
+        sample.check_reporter(args.report_to)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
         models = sample.load_models(args.model, dtype, device)
     except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
@@ -269,6 +316,8 @@ def main(args):
             shutil.rmtree(args.output_dir, ignore_errors=True)
         sys.exit(error or f"error: another rank failed (rank {rank} was fine); see its message")
     accum = args.global_batch_size // (args.micro_batch_size * world_size)
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # compute threads on the cores the workers leave free: on a
+        torch.set_num_threads(max(1, cores_per_rank() - args.num_workers))  # busy machine, spinning threads crawl
     os.makedirs(args.output_dir, exist_ok=True)
     log_file = open(os.path.join(args.output_dir, "log.txt"), "a") if master else None
 
@@ -284,6 +333,7 @@ def main(args):
            f"accum {accum} = {args.global_batch_size} pairs/step | {args.precision} | {args.max_steps} steps")
     if ckpt is not None and args.changed_on_resume:
         print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
+    report = sample.Reporter(args.report_to if master else "none", args.output_dir, run_args(args))
 
     # -------------------------------------------------------------------------
     # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.
@@ -327,7 +377,7 @@ def main(args):
         return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "data_position": step * args.global_batch_size, "totals": totals,
-                "args": {k: v for k, v in vars(args).items() if k not in ("given", "changed_on_resume")},
+                "args": run_args(args),
                 "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}}
 
     def save():
@@ -353,6 +403,10 @@ def main(args):
     window, window_steps, window_start = {}, 0, time.time()  # metrics summed since the last log line
     bad = torch.zeros(2, dtype=torch.float64)  # this rank's skipped pairs and converted images since the last log
     stopping = 0  # the signal that stopped the run
+    if master and validation and ckpt is None:
+        path, seconds = validate(models, validation, args, step, report, autocast)
+        print0(f"validation grid {path}: {seconds:.1f} s")
+        window_start += seconds  # not part of the step time
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc=f"ncp-{OBJECTIVE}", dynamic_ncols=True)
     while step < args.max_steps:
         step_metrics, step_bad = {}, torch.zeros(2, dtype=torch.float64)  # this step's, kept once it completes
@@ -416,11 +470,16 @@ def main(args):
             if master:
                 with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(record) + "\n")
+                report.scalars(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
             print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             window, window_steps, window_start, bad = {}, 0, time.time(), torch.zeros(2, dtype=torch.float64)
         if save_now:
             save()
+        if master and validation and not stopping and step % args.validation_every == 0:
+            path, seconds = validate(models, validation, args, step, report, autocast)
+            print0(f"validation grid {path}: {seconds:.1f} s")
+            window_start += seconds
         if stopping:
             print0(f"checkpoint of step {step} saved {time.time() - stop[0][1]:.1f} s after the signal"
                    if stop else f"checkpoint of step {step} saved; continue with --resume")
@@ -436,6 +495,7 @@ def main(args):
         dist.all_gather(gathered, sums)
         print0(f"LoRA weights identical on all {world_size} ranks: {all(torch.equal(gathered[0], x) for x in gathered)}")
     print0(f"done: step {step}, LoRA in {args.output_dir}/{sample.LORA_FILE}")
+    report.close()
     if ddp:
         dist.destroy_process_group()
     if stopping:

@@ -14,12 +14,22 @@ Library part (imported by ncp_dpo.py, ncp_cpo.py, ncp_sft.py):
 
 import argparse
 import json
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass
 
 import torch
+
+# Messages the libraries log on every run that are known to be harmless here: silenced by logger and text alone.
+KNOWN_NOISE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",  # a 4-bit CPU kernel this never uses
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",  # the PIL processors
+    "diffusers.models.modeling_utils": "that should be kept in float32: []",  # .to(dtype) when no module is exempt
+}
+for _name, _text in KNOWN_NOISE.items():
+    logging.getLogger(_name).addFilter(lambda record, text=_text: text not in record.getMessage())
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -57,8 +67,10 @@ def resolve_model(model):
     if os.path.isdir(model):
         index = os.path.join(model, "model_index.json")
         if not os.path.isfile(index):
+            found = sorted(os.listdir(model))
+            shown = ", ".join(name[:40] for name in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
             raise ModelError(f"{model} is a directory but not a diffusers pipeline: it has no model_index.json "
-                             f"(found: {', '.join(sorted(os.listdir(model))[:8]) or 'nothing'})")
+                             f"(it holds {shown or 'nothing'})")
         with open(index) as f:
             return model, _kind_of(json.load(f), model)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(model):
@@ -151,7 +163,7 @@ def build_tiny(kind="sd15", seed=0):
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=16, sample_size=32)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, prediction_type="epsilon")
+                              beta_end=0.012, clip_sample=False, prediction_type="epsilon", steps_offset=1)  # as SD's
     return Models(f"tiny{'-sdxl' if kind == 'sdxl' else ''}", kind, UNet2DConditionModel(**unet), vae, encoders,
                   [tokenizer] * len(encoders), scheduler)
 
@@ -342,6 +354,8 @@ DEFAULTS = {"sd15": dict(guidance_scale=7.5, steps=50), "sdxl": dict(guidance_sc
 def read_prompts(spec, data_source="yuvalkirstain/pickapic_v2"):
     """A text file (one prompt a line), PartiPrompts' TSV (the Prompt column), or a Pick-a-Pic split name
     such as validation_unique (its unique captions, in order). Raises ValueError when there is none."""
+    if not os.path.isfile(spec) and (os.sep in spec or spec.endswith((".txt", ".tsv"))):
+        raise ValueError(f"no prompt file {spec}")  # a path, not a split name
     if os.path.isfile(spec):
         try:
             with open(spec, encoding="utf-8") as f:
@@ -379,16 +393,86 @@ def prompt_seed(seed, index):
     return seed * 100_003 + index
 
 
-def make_grid(paths, columns=4):
+def make_grid(images, columns=4):
+    """PIL images (or paths to them) side by side, `columns` a row, all at the first one's size."""
     from PIL import Image
 
-    images = [Image.open(p).convert("RGB") for p in paths]
+    images = [Image.open(p).convert("RGB") if isinstance(p, str) else p for p in images]
     w, h = images[0].size
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
     for i, image in enumerate(images):
         grid.paste(image.resize((w, h)), ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+@torch.no_grad()
+def validation_grid(models, prompts, resolution, seed=0, steps=20):
+    """One image per prompt with the seeds sample.py gives them, the LoRA on, as one grid: the training scripts'
+    view of a run. It draws from its own generators only, so the training's random state is left as it was."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = make_pipeline(models)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    device = models.unet.device
+    images = [pipe(prompt, num_inference_steps=steps, guidance_scale=DEFAULTS[models.kind]["guidance_scale"],
+                   height=resolution, width=resolution,
+                   generator=torch.Generator(device).manual_seed(prompt_seed(seed, i))).images[0]
+              for i, prompt in enumerate(prompts)]
+    return make_grid(images)
+
+
+# -----------------------------------------------------------------------------
+# Reporting training metrics
+
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to -> the package it needs
+
+
+def check_reporter(kind):
+    """Fail at start, with the command that fixes it, if --report-to names a package that is not installed."""
+    import importlib.util
+
+    if kind in REPORTERS and importlib.util.find_spec(REPORTERS[kind]) is None:
+        raise ValueError(f"--report-to {kind} needs the {REPORTERS[kind]} package: pip install {REPORTERS[kind]}")
+
+
+class Reporter:
+    """The metrics of metrics.jsonl, and the validation grids, sent to TensorBoard or W&B; "none" sends nothing."""
+
+    def __init__(self, kind, output_dir, config):
+        self.kind, self.writer = kind, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+
+            self.writer = wandb.init(project="ncp", dir=output_dir, config=config, name=os.path.basename(output_dir))
+
+    def scalars(self, record, step):
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.kind == "wandb":
+            self.writer.log(values, step=step)
+
+    def image(self, name, image, step):
+        if self.kind == "tensorboard":
+            import numpy as np
+
+            self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        elif self.kind == "wandb":
+            import wandb
+
+            self.writer.log({name: wandb.Image(image)}, step=step)
+
+    def close(self):
+        if self.writer is not None:
+            (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
 
 
 def parse_args(argv=None):
@@ -442,7 +526,8 @@ def main(args):
         sys.exit(f"error: {e}")
     # A VAE that asks for force_upcast stays in fp32 for training; here the pipeline itself upcasts it to decode, and
     # it wants the VAE in the pipeline's dtype to begin with.
-    models.vae.to(dtype)
+    if models.vae.dtype != dtype:
+        models.vae.to(dtype)
     pipe = make_pipeline(models)
     pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

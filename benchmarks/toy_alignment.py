@@ -35,8 +35,10 @@ from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import data  # noqa: E402
 import encoder  # noqa: E402
+import plot_metrics  # noqa: E402
 import sample  # noqa: E402
 
 COLORS = data.COLORS
@@ -200,31 +202,6 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
     return torch.stack(wins).mean().item()
 
 
-def plot(curves, path, title):
-    """A small line plot drawn with PIL: one coloured line per run, radius against step."""
-    w, h, m = 640, 400, 50
-    image = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(image)
-    xs = sorted({s for c in curves.values() for s, _ in c})
-    ys = [v for c in curves.values() for _, v in c]
-    lo, hi = min(ys) - 0.2, max(ys) + 0.2
-    px = lambda s: m + (w - 2 * m) * (s - xs[0]) / max(1, xs[-1] - xs[0])  # noqa: E731
-    py = lambda v: h - m - (h - 2 * m) * (v - lo) / (hi - lo)  # noqa: E731
-    draw.line((m, h - m, w - m, h - m), fill="black")
-    draw.line((m, m, m, h - m), fill="black")
-    for s in xs:
-        draw.text((px(s) - 8, h - m + 5), str(s), fill="black")
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        draw.text((5, py(v) - 6), f"{v:.2f}", fill="black")
-    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    for i, (name, c) in enumerate(curves.items()):
-        draw.line([(px(s), py(v)) for s, v in c], fill=palette[i % 6], width=2)
-        draw.text((w - m - 150, m + 14 * i), name, fill=palette[i % 6])
-    draw.text((m, 15), title, fill="black")
-    image.save(path)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -323,8 +300,9 @@ def main():
     curves = {}
     for key, rows in results["runs"].items():
         curves.setdefault(key.rsplit("-seed", 1)[0], []).append([r["radius"] for r in rows])
-    plot({g: [(s, float(np.mean([c[i] for c in cs]))) for i, s in enumerate(steps)] for g, cs in curves.items()},
-         os.path.join(args.out, "radius.png"), "mean disc radius (px) of samples vs alignment step (mean over seeds)")
+    mean = {g: [(s, float(np.mean([c[i] for c in cs]))) for i, s in enumerate(steps)] for g, cs in curves.items()}
+    plot_metrics.plot({"mean disc radius (px) of samples against the alignment step, mean over seeds": mean},
+                      os.path.join(args.out, "radius.png"), columns=1, size=(720, 420))
 
 
 if __name__ == "__main__":
