@@ -325,8 +325,8 @@ class LatentCache:
         sides = [0] if dataset.winners_only else [0, 1]
         todo = np.array_split(np.asarray(todo), world_size)[rank]  # contiguous shares: few shared pages
         latents, micro, state = self.arrays("r+")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=todo.tolist(), num_workers=num_workers,
-                                             worker_init_fn=ignore_stop_signals)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=todo.tolist(),
+                                             num_workers=num_workers, worker_init_fn=ignore_stop_signals)
         counts = {"encoded": 0, "skipped": 0, "converted": 0}
         bar = tqdm(total=len(todo), disable=not progress, desc="latent cache", dynamic_ncols=True)
         for start, batch in zip(range(0, len(todo), batch_size), loader):
@@ -439,7 +439,8 @@ def make_loader(dataset, micro_batch, rank=0, world_size=1, seed=0, start=0, num
     sampler = PairSampler(len(dataset), micro_batch, rank, world_size, seed, start)
     return torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                                       prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
+                                       prefetch_factor=4 if num_workers > 0 else None,
+                                       worker_init_fn=ignore_stop_signals)
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Win rate of one image folder over another, scored with PickScore (and HPSv2 when installed): Table 1's protocol.
 
     python sample.py --model sdxl --prompts validation_unique --out samples/base
-    python sample.py --model sdxl --lora runs/ncp-dpo-sdxl --prompts validation_unique --out samples/ncp
+    python sample.py --model sdxl --lora runs/dpo-ncp-sdxl-absolute-winners --prompts validation_unique --out samples/ncp
     python evaluate.py samples/ncp samples/base --out report.json
 
 Both folders come from sample.py over the same prompts and seeds; images pair up by file name. For each pair,

@@ -6,7 +6,7 @@ the errors are measured in noise space (the latent CPO baseline). The scaffoldin
 there; `diff ncp_dpo.py ncp_cpo.py` shows the objective, its flags and its metrics.
 
     python ncp_cpo.py --model tiny --data synthetic
-    torchrun --nproc_per_node=4 ncp_cpo.py --model sdxl --data /data/pickapic_v2 --filter absolute-winners
+    torchrun --nproc_per_node=4 ncp_cpo.py --model sdxl --data /data/pickapic_v2
     torchrun --nproc_per_node=4 ncp_cpo.py --model sd15 --sft-weight 0 ...   # as the authors' released code
 
 Outputs in --output-dir: pytorch_lora_weights.safetensors (diffusers' format: pipe.load_lora_weights(dir)),
@@ -69,9 +69,8 @@ PRESETS = {
 ENCODER_DEPTH = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: mid block for SD1.5, not for SDXL
 # On --resume the flags not given take the checkpoint's values. These may be given anew and are applied; any
 # other would change what the checkpoint's LoRA, optimizer state or data position mean, and is refused.
-RESUME_MAY_CHANGE = ["max_steps", "micro_batch_size", "lr", "beta", "save_every", "log_every", "num_workers", "cache_latents", "report_to",
-                     "validation_prompts", "validation_every",
-                     "dist_timeout"]
+RESUME_MAY_CHANGE = ["max_steps", "micro_batch_size", "lr", "beta", "save_every", "log_every", "num_workers",
+                     "cache_latents", "report_to", "validation_prompts", "validation_every", "dist_timeout"]
 
 
 def preset(key):
@@ -83,15 +82,18 @@ def preset(key):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
+    p.add_argument("--model", default="sdxl",
+                   help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
     p.add_argument("--encoder-depth", choices=["down", "mid"], help="perceptual encoder: down blocks, or through "
                    "the mid block (default: mid for SD1.5-like, down for SDXL-like)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + preset("lora_rank"))
     # data
-    p.add_argument("--data", default=data.PICKAPIC, help="Pick-a-Pic parquet dir or glob, hub dataset id, or 'synthetic' (default: %(default)s)")
+    p.add_argument("--data", default=data.PICKAPIC,
+                   help="Pick-a-Pic parquet dir or glob, hub dataset id, or 'synthetic' (default: %(default)s)")
     p.add_argument("--split", default="train", help="dataset split to train on (default: %(default)s)")
     p.add_argument("--filter", choices=["none", "absolute-winners"],
-                   help="absolute-winners: keep pairs whose winner never lost or drew, the paper's filter " + preset("filter"))
+                   help="absolute-winners: keep pairs whose winner never lost or drew, the paper's filter "
+                   + preset("filter"))
     p.add_argument("--resolution", type=int, help="training resolution in pixels " + preset("resolution"))
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank (default: this node's "
                    "cores per rank less one, at most 4)")
@@ -101,15 +103,17 @@ def parse_args(argv=None):
     # objective
     p.add_argument("--space", choices=["ncp", "latent"], default="ncp",
                    help="ncp: errors in the U-Net encoder's space at t-1 (eq. 15); latent: noise space (eq. 11)")
-    p.add_argument("--beta", type=float, default=2500.0, help="CPO beta on the winner-loser error gap (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=2500.0,
+                   help="CPO beta on the winner-loser error gap (default: %(default)s)")
     p.add_argument("--sft-weight", type=float, default=1.0,
                    help="weight of the behaviour-cloning term on winners, 1.0: the CPO paper, 0: the NCP authors' code "
                    "(default: %(default)s)")
     # optimization
     p.add_argument("--max-steps", type=int, help="optimizer steps " + preset("max_steps"))
-    p.add_argument("--global-batch-size", type=int, help="pairs per optimizer step over all ranks " + preset("global_batch_size"))
-    p.add_argument("--micro-batch-size", type=int, help="pairs per forward per rank, lowered to divide the global batch over the ranks if not given "
-                   + preset("micro_batch_size"))
+    p.add_argument("--global-batch-size", type=int,
+                   help="pairs per optimizer step over all ranks " + preset("global_batch_size"))
+    p.add_argument("--micro-batch-size", type=int, help="pairs per forward per rank, lowered to divide the global "
+                   "batch over the ranks if not given " + preset("micro_batch_size"))
     p.add_argument("--lr", type=float, help="learning rate, constant after warmup " + preset("lr"))
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps " + preset("warmup_steps"))
     p.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit",
@@ -119,19 +123,25 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward " + preset("gradient_checkpointing"))
     # run
-    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/cpo-SPACE-MODEL, with -FILTER unless none)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the LoRA init, data order, t, noise and z, 0 to 2^32 - 1 (default: %(default)s)")
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps, and at the end (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=10, help="log averaged metrics every N steps (default: %(default)s)")
+    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/cpo-SPACE-MODEL, "
+                   "with -FILTER unless none)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the LoRA init, data order, t, noise and z, 0 to 2^32 - 1 (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=250,
+                   help="checkpoint every N steps, and at the end (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="log averaged metrics every N steps (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; flags not given "
-                   "take the checkpoint's values, and only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
-                   + " may change")
+                   "take the checkpoint's values, and only "
+                   + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + " may change")
     # seeing the run
     p.add_argument("--report-to", choices=["none", *sample.REPORTERS], default="none",
                    help="also send the logged metrics and validation grids there, from rank 0 (default: %(default)s)")
-    p.add_argument("--validation-prompts", metavar="FILE", help="rank 0 samples a grid of these prompts, one image each "
-                   "with fixed seeds, into OUTPUT_DIR/samples/step_NNNNN.png at step 0 and every --validation-every steps")
-    p.add_argument("--validation-every", type=int, default=100, help="steps between validation grids (default: %(default)s)")
+    p.add_argument("--validation-prompts", metavar="FILE", help="rank 0 samples a grid of these prompts, one image "
+                   "each with fixed seeds, into OUTPUT_DIR/samples/step_NNNNN.png, at step 0 and every "
+                   "--validation-every steps")
+    p.add_argument("--validation-every", type=int, default=100,
+                   help="steps between validation grids (default: %(default)s)")
     p.add_argument("--dist-timeout", type=float, default=60.0, help="minutes a collective waits for a slow rank "
                    "(default: %(default)s; NCCL's own is 10)")
     args = p.parse_args(argv)
@@ -183,10 +193,11 @@ def check_run(args, world_size):
         if key not in args.given:
             setattr(args, key, before)  # not on the command line: the run's own value
         elif getattr(args, key) != before:
-            (changed if key in RESUME_MAY_CHANGE else refused).append(f"{key.replace('_', '-')} {before} -> {getattr(args, key)}")
+            change = f"{key.replace('_', '-')} {before} -> {getattr(args, key)}"
+            (changed if key in RESUME_MAY_CHANGE else refused).append(change)
     if refused:
-        raise ValueError(f"--resume cannot change {'; '.join(refused)}: the checkpoint's LoRA, optimizer state and data "
-                         f"position belong to its own values (only {', '.join(RESUME_MAY_CHANGE)} may change)")
+        raise ValueError(f"--resume cannot change {'; '.join(refused)}: the checkpoint's LoRA, optimizer state and "
+                         f"data position belong to its own values (only {', '.join(RESUME_MAY_CHANGE)} may change)")
     if args.max_steps < ckpt["step"]:
         raise ValueError(f"--max-steps {args.max_steps}: the checkpoint is already at step {ckpt['step']}")
     args.changed_on_resume = changed
@@ -221,7 +232,7 @@ def stop_signal(stop, ddp, device):
 
 
 def optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals):
-    """Clip, step (unless the gradient is not finite), advance the schedule. Returns (step + 1, grad norm, the lr used)."""
+    """Clip, step (unless the gradient is not finite), advance the schedule. Returns (step + 1, grad norm, lr used)."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # DDP has averaged the grads: same on all ranks
     if torch.isfinite(grad_norm):
@@ -308,13 +319,13 @@ def main(args):
         error = f"error: {e}"
     if ddp and local_rank == 0:
         dist.barrier(group=slow)
-    failed = torch.tensor([float(error is not None)])
+    failed = torch.tensor([float(error is not None), float(master and error is not None)])  # anywhere, on rank 0
     if ddp:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=slow)
-    if failed.item():
+    if failed[0]:
         if fresh and master:
             shutil.rmtree(args.output_dir, ignore_errors=True)
-        sys.exit(error or f"error: another rank failed (rank {rank} was fine); see its message")
+        sys.exit(error if master or (error and not failed[1]) else 1)  # one message: rank 0's if it has one
     accum = args.global_batch_size // (args.micro_batch_size * world_size)
     if not cuda and "OMP_NUM_THREADS" not in os.environ:  # compute threads on the cores the workers leave free: on a
         torch.set_num_threads(max(1, cores_per_rank() - args.num_workers))  # busy machine, spinning threads crawl
@@ -432,8 +443,8 @@ def main(args):
                 if args.space == "latent":
                     err = encoder.latent_error(pred, noise)
                 else:
-                    err = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond, args.encoder_depth,
-                                                   method=ncp_method)
+                    err = encoder.perceptual_error(raw_unet, scheduler, x_t, t, pred, noise, z, cond,
+                                                   args.encoder_depth, method=ncp_method)
                 e_w, e_l = err.chunk(2)
                 loss, metrics = cpo_loss(e_w, e_l, args.beta, args.sft_weight)
                 scaler.scale(loss / accum).backward()
@@ -442,7 +453,8 @@ def main(args):
             step_bad += torch.tensor([batch["skipped"].sum(), batch["converted"].sum()], dtype=torch.float64)
         if stopping:  # drop the partial accumulation: the LoRA and optimizer state of the last step are intact
             optimizer.zero_grad(set_to_none=True)
-            print0(f"{signal.Signals(stopping).name}: stopping at step {step}, {micro} of {accum} micro-batches dropped")
+            print0(f"{signal.Signals(stopping).name}: stopping at step {step}, {micro} of {accum} micro-batches "
+                   "dropped")
         else:
             step, grad_norm, lr = optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals)
             for k, v in step_metrics.items():
@@ -453,7 +465,7 @@ def main(args):
             bar.update(1)
 
         save_now = step % args.save_every == 0 or step == args.max_steps or stopping
-        if window_steps and (step % args.log_every == 0 or save_now):  # the totals a checkpoint holds are the logged ones
+        if window_steps and (step % args.log_every == 0 or save_now):  # a checkpoint's totals are the logged ones
             names = sorted(window)
             values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / window_steps
             bad = bad.to(device)

@@ -2,7 +2,7 @@
 
 Generate images for a prompt list (same per-prompt seeds for every model, so runs pair up for evaluate.py):
 
-    python sample.py --model sdxl --lora out/ncp-dpo-sdxl --prompts prompts.txt --out samples/ncp
+    python sample.py --model sdxl --lora runs/dpo-ncp-sdxl-absolute-winners --prompts prompts.txt --out samples/ncp
     torchrun --nproc_per_node=4 sample.py --model sd15 --prompts validation_unique --out samples/base
 
 Library part (imported by ncp_dpo.py, ncp_cpo.py, ncp_sft.py):
@@ -68,7 +68,8 @@ def resolve_model(model):
         index = os.path.join(model, "model_index.json")
         if not os.path.isfile(index):
             found = sorted(os.listdir(model))
-            shown = ", ".join(name[:40] for name in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            shown = ", ".join(name[:40] for name in found[:5])
+            shown += f" and {len(found) - 5} more" if len(found) > 5 else ""
             raise ModelError(f"{model} is a directory but not a diffusers pipeline: it has no model_index.json "
                              f"(it holds {shown or 'nothing'})")
         with open(index) as f:
@@ -341,7 +342,8 @@ def load_lora(unet, lora_dir, adapter_name="default"):
         unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix="unet", adapter_name=adapter_name)
     except (RuntimeError, ValueError) as e:  # shapes or names of another model's U-Net
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
-        raise ModelError(f"the LoRA in {lora_dir} does not fit this model's U-Net (trained on another one?): {first}") from None
+        raise ModelError(f"the LoRA in {lora_dir} does not fit this model's U-Net (trained on another one?): "
+                         f"{first}") from None
     return unet
 
 

@@ -147,7 +147,8 @@ def run_path(models, lora, inputs, dtype, method, beta, micro):
             out[space]["e"].append(e.detach().double().cpu())
             out[space]["ref_e"].append(ref_e.detach().double().cpu())
     for space in out:
-        e, ref_e = torch.cat([x.view(2, -1) for x in out[space]["e"]], 1), torch.cat([x.view(2, -1) for x in out[space]["ref_e"]], 1)
+        # (2, n): winners, losers, gathered over the micro-batches
+        e, ref_e = (torch.cat([x.view(2, -1) for x in out[space][k]], 1) for k in ("e", "ref_e"))
         out[space].update(e=e.flatten(), ref_e=ref_e.flatten(), margin=(ref_e[0] - ref_e[1]) - (e[0] - e[1]),
                           scale=(ref_e[0] + ref_e[1]) / 2)
     return out, cost
@@ -161,7 +162,8 @@ def compare(path, ref):
     same_sign = torch.sign(path["margin"]) == torch.sign(ref["margin"])
     agree = same_sign[big]
     return {"e_rel_median": rel.median().item(), "e_rel_p90": rel.quantile(0.9).item(),
-            "margin_rel_median": margin_rel.median().item(), "sign_agreement": agree.float().mean().item() if big.any() else None,
+            "margin_rel_median": margin_rel.median().item(),
+            "sign_agreement": agree.float().mean().item() if big.any() else None,
             "pairs_not_negligible": int(big.sum()), "sign_agreement_all": same_sign.float().mean().item(),
             "grad_cosine": F.cosine_similarity(path["grad"], ref["grad"], dim=0).item()}
 
@@ -179,7 +181,8 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=8, help="rank of the random policy LoRA")
     p.add_argument("--lora-std", type=float, default=0.05, help="std of its lora_B weights (0 would be the base)")
     p.add_argument("--beta", type=float, default=2500.0, help="DPO beta of the loss whose gradient is compared")
-    p.add_argument("--paths", default="fp32,bf16,fp16,bf16-direct,fp16-direct", help="comma-separated: " + ", ".join(PATHS))
+    p.add_argument("--paths", default="fp32,bf16,fp16,bf16-direct,fp16-direct",
+                   help="comma-separated: " + ", ".join(PATHS))
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA and the inputs")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -189,7 +192,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # the fp32 reference must be fp32, not TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
     results, ref, inputs = {}, None, None
     for name in paths:
         precision, method = PATHS[name]
@@ -229,7 +233,8 @@ def main(argv=None):
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "args": vars(args), "results": results}, f, indent=1)
+            json.dump({"machine": machine, "torch": torch.__version__, "args": vars(args), "results": results}, f,
+                      indent=1)
     return results
 
 
