@@ -56,7 +56,8 @@ def draw_panel(draw, box, curves, title):
             draw.line(line, fill=colour, width=2)
         elif line:
             draw.ellipse((line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2), fill=colour)
-        draw.text((right - 170, top + 18 + 12 * i), name[:28], fill=colour)
+        label = name[:48]
+        draw.text((right - 10 - 6 * len(label), top + 18 + 12 * i), label, fill=colour)  # about 6 px a character
 
 
 def plot(panels, path, columns=4, size=(360, 240)):
