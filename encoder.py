@@ -23,8 +23,8 @@ Two ways to compute e^NCP (`method`), chosen by the precision the encoder runs i
   error of ~1 per element). The frozen weights stay in half precision; attention runs in its composite form
   (the fused kernels have no forward-mode derivative). The policy's gradient flows through the tangent; x_mid
   is a constant for it, which drops a term of relative size O(delta). For DPO the policy's and the
-  reference's errors share one primal point and the tangents J(d_pol + d_ref) and J(d_pol - d_ref), so that
-  their difference, the margin, keeps full relative precision too (perceptual_errors).
+  reference's errors share one primal point and the tangents J d_ref and J(d_pol - d_ref), so that their
+  difference, the margin, keeps full relative precision too (perceptual_errors).
   Its cost: a forward-mode pass is a primal and a tangent pass, about twice a forward.
 
 Copy this file as it is: it depends on torch and on a diffusers UNet2DConditionModel only.
@@ -177,8 +177,9 @@ def perceptual_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth="mid
     """Eq. 13 for one or two predictions from the same x_t (policy, reference): [(B,) fp32], sharing the target.
 
     "direct" computes the target features once for both. "jvp" linearises both at one shared point and carries
-    J (d_0 + d_1) and J (d_0 - d_1) as tangents: the policy-reference difference e_0 - e_1 = mean(J(d_0 + d_1) *
-    J(d_0 - d_1)) then keeps full relative precision, and so does the DPO margin built from it.
+    J d_1 (without grad: the reference's) and J (d_0 - d_1) as tangents, so e_0 - e_1 = mean(2 J d_1 J(d_0 - d_1) +
+    (J(d_0 - d_1))^2) keeps full relative precision, and so does the DPO margin built from it; the backward runs
+    through the second tangent only.
     """
     if method not in METHODS or not 1 <= len(preds) <= 2:
         raise ValueError(f"method must be one of {METHODS} (got {method!r}), with one or two predictions")
@@ -192,22 +193,22 @@ def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth):
     x_star = previous_sample(scheduler, x_t.float(), t, noise, z)  # fp32 throughout: the steps are 0.1-0.4% of x
     deltas = [previous_sample(scheduler, x_t.float(), t, pred, z) - x_star for pred in preds]  # z cancels out
     # The primal point: half way along the (mean) step, a central difference. A constant for the gradient.
-    x_mid = x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))
-    tangents = deltas if len(deltas) == 1 else [deltas[0] + deltas[1], deltas[0] - deltas[1]]
-    k, tangent = len(tangents), torch.cat(tangents)  # (kB, C, h, w)
-    # The JVP is linear in its tangent: pass each at unit scale (no fp16 underflow) and rescale after.
-    scale = tangent.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)
-    jd = encode(unet, x_mid.repeat(k, 1, 1, 1).to(x_t.dtype), (t - 1).clamp(min=0).repeat(k), _repeat(cond, k), depth,
-                tangent=(tangent / scale).to(x_t.dtype)).float() * scale  # (kB, C', h', w')
-    if k == 1:
-        return [jd.pow(2).mean(dim=(1, 2, 3))]
-    a, b = jd.chunk(2)  # J(d_0 + d_1), J(d_0 - d_1)
-    return [((a + b) / 2).pow(2).mean(dim=(1, 2, 3)), ((a - b) / 2).pow(2).mean(dim=(1, 2, 3))]
+    x_mid = (x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))).to(x_t.dtype).contiguous()
+    s = (t - 1).clamp(min=0)
+    if len(deltas) == 1:
+        return [_tangent(unet, x_mid, s, cond, depth, deltas[0]).pow(2).mean(dim=(1, 2, 3))]
+    # J d_1 (the reference: no grad), and J (d_0 - d_1), the small policy-reference difference at its own scale.
+    with torch.no_grad():
+        j1 = _tangent(unet, x_mid, s, cond, depth, deltas[1])
+    j01 = _tangent(unet, x_mid, s, cond, depth, deltas[0] - deltas[1])
+    return [(j1 + j01).pow(2).mean(dim=(1, 2, 3)), j1.pow(2).mean(dim=(1, 2, 3))]
 
 
-def _repeat(cond, k):
-    """Every tensor of cond (nested dicts too) repeated k times along the batch."""
-    return {n: _repeat(v, k) if isinstance(v, dict) else v.repeat(k, *[1] * (v.dim() - 1)) for n, v in cond.items()}
+def _tangent(unet, x, s, cond, depth, delta):
+    """J_E(x) delta in fp32, delta passed at unit scale per sample (no fp16 underflow; the JVP is linear)."""
+    scale = delta.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    tangent = (delta / scale).to(x.dtype).contiguous()  # group_norm's forward-mode rule fails on channels-last input
+    return encode(unet, x, s, cond, depth, tangent=tangent).float() * scale
 
 
 def latent_error(pred, noise):

@@ -236,3 +236,15 @@ def test_linearised_error_matches_direct_in_fp32_with_grad_and_checkpointing(mod
     assert torch.nn.functional.cosine_similarity(grads[0].flatten(), g_exact.flatten(), dim=0) > 0.999
     zero = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise, noise, z, cond, "mid", method="jvp")
     assert torch.all(zero == 0)
+
+
+def test_linearised_errors_take_channels_last_latents(models):
+    """The VAE can hand back channels-last latents; group_norm's forward-mode rule fails on such input."""
+    _, x_t, t, noise, z, cond = _setup(models)
+    preds = [noise + 0.3 * torch.randn_like(noise), noise + 0.2 * torch.randn_like(noise)]
+    plain = encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, preds, noise, z, cond, "mid", "jvp")
+    last = x_t.to(memory_format=torch.channels_last)
+    assert not last.is_contiguous()
+    got = encoder.perceptual_errors(models.unet, models.scheduler, last, t, preds, noise, z, cond, "mid", "jvp")
+    for a, b in zip(got, plain):
+        torch.testing.assert_close(a, b)
