@@ -184,6 +184,8 @@ def perceptual_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth="mid
     if method not in METHODS or not 1 <= len(preds) <= 2:
         raise ValueError(f"method must be one of {METHODS} (got {method!r}), with one or two predictions")
     if method == "jvp":
+        if len(preds) == 2 and preds[1].requires_grad:
+            raise ValueError("the second prediction is the reference's and must carry no grad")
         return _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth)
     target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth)
     return [perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth, target) for pred in preds]

@@ -248,3 +248,6 @@ def test_linearised_errors_take_channels_last_latents(models):
     got = encoder.perceptual_errors(models.unet, models.scheduler, last, t, preds, noise, z, cond, "mid", "jvp")
     for a, b in zip(got, plain):
         torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="must carry no grad"):  # its gradient would be dropped
+        encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, [preds[0], preds[1].requires_grad_()], noise,
+                                  z, cond, "mid", "jvp")
