@@ -165,3 +165,24 @@ def test_a_missing_reporter_package_fails_at_start_with_the_pip_command(tmp_path
         ncp_dpo.main(ncp_dpo.parse_args(["--model", "tiny", "--data", "synthetic", "--report-to", "wandb",
                                          "--output-dir", str(tmp_path / "out")]))
     assert "--report-to wandb needs the wandb package: pip install wandb" in str(e.value.code)
+
+
+def test_plot_metrics_overlays_runs(tmp_path):
+    """benchmarks/plot_metrics.py: one panel per logged metric, a line per run; a run without metrics is an error."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import plot_metrics
+
+    for name, scale in [("a", 1.0), ("b", 2.0)]:
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "loss": 0.69 - 0.01 * s * scale, "accuracy": 0.5, "lr": 1e-3} for s in range(1, 6)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "curves.png"
+    plot_metrics.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (240, 3 * 360, 3)  # loss, accuracy, lr: the metrics the runs logged
+    red, blue = (np.all(image == colour, axis=-1).sum() for colour in ([0xd6, 0x27, 0x28], [0x1f, 0x77, 0xb4]))
+    assert red > 50 and blue > 50  # both runs drawn
+    with pytest.raises(SystemExit, match="has no metrics.jsonl"):
+        plot_metrics.main([str(tmp_path), "--out", str(out)])
