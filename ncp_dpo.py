@@ -174,9 +174,8 @@ def fill_defaults(args, kind):
     return args
 
 
-def check_run(args, world_size):
+def check_run(args):
     """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
-    per_step = args.micro_batch_size * world_size
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
     path = os.path.join(args.output_dir, "checkpoint.pt")
@@ -308,7 +307,7 @@ def main(args):
         _, kind = sample.resolve_model(args.model)
         args = fill_defaults(args, kind)
         fresh = not os.path.exists(args.output_dir)
-        ckpt = check_run(args, world_size)
+        ckpt = check_run(args)
         check_batch(args, world_size, fit=ckpt is None)
         source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data")) if args.data == "synthetic" else args.data
         pairs, counts = data.preference_pairs(source, args.split, args.filter)

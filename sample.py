@@ -408,15 +408,21 @@ def make_grid(images, columns=4):
     return grid
 
 
-@torch.no_grad()
-def validation_grid(models, prompts, resolution, seed=0, steps=20):
-    """One image per prompt with the seeds sample.py gives them, the LoRA on, as one grid: the training scripts'
-    view of a run. It draws from its own generators only, so the training's random state is left as it was."""
+def sampling_pipeline(models):
+    """make_pipeline with the Euler sampler built from the model's scheduler config, and no progress bar."""
     from diffusers import EulerDiscreteScheduler
 
     pipe = make_pipeline(models)
     pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def validation_grid(models, prompts, resolution, seed=0, steps=20):
+    """One image per prompt with the seeds sample.py gives them, the LoRA on, as one grid: the training scripts'
+    view of a run. It draws from its own generators only, so the training's random state is left as it was."""
+    pipe = sampling_pipeline(models)
     device = models.unet.device
     images = [pipe(prompt, num_inference_steps=steps, guidance_scale=DEFAULTS[models.kind]["guidance_scale"],
                    height=resolution, width=resolution,
@@ -517,7 +523,6 @@ def main(args):
     precision = args.precision or ("fp16" if cuda else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
-    from diffusers import EulerDiscreteScheduler
     from tqdm import tqdm
 
     try:
@@ -530,9 +535,7 @@ def main(args):
     # it wants the VAE in the pipeline's dtype to begin with.
     if models.vae.dtype != dtype:
         models.vae.to(dtype)
-    pipe = make_pipeline(models)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sampling_pipeline(models)
     os.makedirs(args.out, exist_ok=True)
     mine = range(rank, len(prompts), world_size)  # prompts sharded over ranks
     for index in tqdm(mine, disable=rank != 0, desc="sampling"):

@@ -156,14 +156,10 @@ def write_pairs(folder, split, n, seed):
 
 @torch.no_grad()
 def sample_radius(base, lora_dir, n_per_color, seed):
-    from diffusers import EulerDiscreteScheduler
-
     models = sample.load_models(base)
     if lora_dir:
         sample.load_lora(models.unet, lora_dir)
-    pipe = sample.make_pipeline(models)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sample.sampling_pipeline(models)
     colors = [c for c in COLORS for _ in range(n_per_color)]
     images = pipe([f"a {c} circle" for c in colors], num_inference_steps=25, guidance_scale=1.0, output_type="pt",
                   generator=torch.Generator().manual_seed(seed)).images * 2 - 1
