@@ -13,6 +13,7 @@ Source: a directory or glob of parquet shards (`<split>-XXXXX-of-XXXXX.parquet`,
 or a hub dataset id (only the chosen split is fetched). write_synthetic makes a tiny generated set.
 """
 
+import collections
 import glob
 import hashlib
 import io
@@ -31,6 +32,7 @@ PICKAPIC = "yuvalkirstain/pickapic_v2"
 META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid", "are_different", "has_label"]
 REQUIRED = ["caption", "label_0", "image_0_uid", "image_1_uid"]
 IMAGES = ["jpg_0", "jpg_1"]
+OPEN_FILES = 16  # parquet files a DataLoader worker keeps open
 
 
 class DataError(ValueError):
@@ -152,6 +154,19 @@ def _bool_column(table, name, n, default):
     return table[name].fill_null(default).to_numpy(zero_copy_only=False).astype(bool)
 
 
+def largest_row_group(pairs):
+    """Bytes read from disk for one image of the largest row group: its image columns' chunks (footers only)."""
+    largest = 0
+    for path in (pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []):
+        meta = pq.read_metadata(path)
+        names = [meta.schema.column(c).name for c in range(meta.num_columns)]
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            largest = max(largest, sum(group.column(c).total_compressed_size for c, name in enumerate(names)
+                                       if name in IMAGES))
+    return largest
+
+
 # -----------------------------------------------------------------------------
 # The training dataset
 
@@ -195,38 +210,70 @@ class PreferenceDataset(torch.utils.data.Dataset):
     so an item looks the same whatever the number of workers or ranks, and after a resume. A pair whose image
     cannot be decoded is replaced by the next usable pair and counted in "skipped"; images in another mode than
     RGB are converted and counted in "converted". winners_only=True decodes the winner alone (SFT).
+
+    Image bytes come from the parquet shards, one row group's column at a time (the last one read is kept, so
+    reading rows in order reads each row group once), or, given a built ImageStore, the pair's own bytes only.
     """
 
-    def __init__(self, pairs, resolution, train=True, seed=0, winners_only=False, max_tries=32):
+    def __init__(self, pairs, resolution, train=True, seed=0, winners_only=False, max_tries=32, store=None):
         self.pairs, self.resolution, self.train, self.seed = pairs, resolution, train, seed
-        self.winners_only, self.max_tries = winners_only, max_tries
+        self.winners_only, self.max_tries, self.store = winners_only, max_tries, store
         self.paths = pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []
-        check_columns(sorted(set(self.paths)), IMAGES)
+        if store is None:
+            check_columns(sorted(set(self.paths)), IMAGES)
+        elif store.sides < (1 if winners_only else 2):
+            raise ValueError("this image store holds the winners only")
         self.shard = pairs["shard"].combine_chunks().indices.to_numpy(zero_copy_only=False)
         self.row = pairs["row"].to_numpy()
         self.winner_col = pairs["winner_col"].to_numpy()
         self.captions = pairs["caption"].to_pylist()
-        self._files = {}  # per worker process: shard -> (ParquetFile, row-group start offsets)
+        self._files = collections.OrderedDict()  # per worker process: shard -> (ParquetFile, row-group starts)
+        self._group = (None, {})  # per worker process: (shard, row group), {column: its values}
 
     def __len__(self):
         return self.pairs.num_rows
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": {}}
+        return {**self.__dict__, "_files": collections.OrderedDict(), "_group": (None, {})}
 
-    def _read_images(self, i):
-        shard = int(self.shard[i])
-        if shard not in self._files:
+    def _file(self, shard):
+        """The open ParquetFile of a shard and its row groups' first rows; at most OPEN_FILES stay open."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
             f = pq.ParquetFile(self.paths[shard])
             starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
             self._files[shard] = (f, starts)
-        f, starts = self._files[shard]
-        group = int(np.searchsorted(starts, self.row[i], side="right") - 1)
+            if len(self._files) > OPEN_FILES:
+                self._files.popitem(last=False)[1][0].close()
+        return self._files[shard]
+
+    def row_groups(self, indices):
+        """(shard, row group) of each pair index, as one int64 per pair that sorts like the shards' order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty(len(indices), np.int64)
+        for shard in np.unique(self.shard[indices]):
+            at = self.shard[indices] == shard
+            starts = self._file(int(shard))[1]
+            out[at] = (int(shard) << 32) + np.searchsorted(starts, self.row[indices[at]], side="right") - 1
+        return out
+
+    def _read_images(self, i):
+        if self.store is not None:
+            return self.store.read(i, 1 if self.winners_only else 2)
         w = int(self.winner_col[i])
+        shard = int(self.shard[i])
+        f, starts = self._file(shard)
+        group = int(np.searchsorted(starts, self.row[i], side="right") - 1)
+        if self._group[0] != (shard, group):
+            self._group = ((shard, group), {})
+        values = self._group[1]
         columns = [IMAGES[w]] if self.winners_only else [IMAGES[w], IMAGES[1 - w]]
-        table = f.read_row_group(group, columns=columns)
+        for c in columns:
+            if c not in values:  # each column chunk of the row group is read once while the rows stay in it
+                values[c] = f.read_row_group(group, columns=[c]).column(0)
         offset = int(self.row[i] - starts[group])
-        return [table[c][offset].as_py() for c in columns]
+        return [values[c][offset].as_py() for c in columns]
 
     def __getitem__(self, key):
         index, position = key if isinstance(key, tuple) else (key, key)
@@ -252,6 +299,125 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
+# Caches on disk, named by what they hold
+
+
+def pairs_key(pairs):
+    """What identifies a pairs table on disk: a hash of its rows (captions, uids, shard rows: so the data, split
+    and filter) and each shard's name, size and modification time."""
+    shard = pairs["shard"].combine_chunks()
+    shards = shard.dictionary.to_pylist() if pairs.num_rows else []
+    columns = pairs.select(["caption", "winner_uid", "loser_uid", "row", "winner_col"])
+    digest = hashlib.sha256()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns.schema) as writer:
+        writer.write_table(columns)
+    digest.update(sink.getvalue().to_pybytes())
+    digest.update(shard.indices.to_numpy(zero_copy_only=False).tobytes())
+    files = [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in shards]
+    return {"pairs": digest.hexdigest(), "shards": files}
+
+
+def key_dir(root, key):
+    return os.path.join(root, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
+
+
+def write_key(directory, key):
+    """key.json, written last and atomically: its presence says the arrays beside it exist."""
+    with open(os.path.join(directory, "key.json.tmp"), "w") as f:
+        json.dump(key, f, indent=1)
+    os.replace(os.path.join(directory, "key.json.tmp"), os.path.join(directory, "key.json"))
+
+
+class ImageStore:
+    """The pairs' image bytes copied once out of the parquet shards, so that an item reads its own bytes only.
+
+    A parquet reader reads a whole column chunk of a row group to get one value: one image of Pick-a-Pic costs
+    the read of its row group, hundreds of MB on some shards. The store keeps the same bytes back to back, one
+    file per shard, and an index, so a pair costs two preads of its images' size, whatever the row groups were.
+    Building it reads each needed row group once, in order; it takes the disk space of the kept pairs' images.
+
+    root/<key>/ holds
+        shard-NNNNN.bin  the images of the pairs from shard NNNNN: winner then loser (sides=2) or winner only
+        index.npy        (n, 2, 2) int64   byte offset and length of each pair's winner and loser in its file
+        done.npy         (shards,) int8    1 when the shard's file and its index rows are complete
+        key.json         what the key is a hash of (the pairs, as in LatentCache, and the sides)
+    """
+
+    def __init__(self, root, pairs, sides=2):
+        self.key = {**pairs_key(pairs), "sides": sides}
+        self.dir, self.n, self.sides = key_dir(root, self.key), pairs.num_rows, sides
+        shard = pairs["shard"].combine_chunks()
+        self.shard = shard.indices.to_numpy(zero_copy_only=False)
+        self.shards = len(shard.dictionary) if pairs.num_rows else 0
+        self._index, self._fds = None, collections.OrderedDict()
+
+    def create(self):
+        """Make the (empty) index if it does not exist yet. Call on one process, before any other opens it."""
+        if os.path.exists(os.path.join(self.dir, "key.json")):
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        np.lib.format.open_memmap(os.path.join(self.dir, "index.npy"), "w+", np.int64, (self.n, 2, 2)).flush()
+        np.lib.format.open_memmap(os.path.join(self.dir, "done.npy"), "w+", np.int8, (self.shards,)).flush()
+        write_key(self.dir, self.key)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_index": None, "_fds": collections.OrderedDict()}
+
+    def missing(self):
+        """The shards not copied yet."""
+        return np.flatnonzero(np.load(os.path.join(self.dir, "done.npy")) == 0)
+
+    def build(self, dataset, todo, rank=0, world_size=1, progress=False):
+        """Copy this rank's share of the shards `todo` (self.missing(), read by every rank before any starts).
+
+        dataset: a PreferenceDataset over the same pairs, reading parquet. Shards are dealt to ranks whole and in
+        turn; an interrupted build starts its unfinished shards again. Returns the bytes written by this rank."""
+        from tqdm import tqdm
+
+        index = np.load(os.path.join(self.dir, "index.npy"), mmap_mode="r+")
+        done = np.load(os.path.join(self.dir, "done.npy"), mmap_mode="r+")
+        mine = [int(s) for s in todo[rank::world_size]]
+        pairs = [np.flatnonzero(self.shard == s) for s in mine]
+        bar = tqdm(total=sum(map(len, pairs)), disable=not progress, desc="image store", unit="pair",
+                   dynamic_ncols=True)
+        written = 0
+        for shard, rows in zip(mine, pairs):
+            path = os.path.join(self.dir, f"shard-{shard:05d}.bin")
+            offsets = np.zeros((len(rows), 2, 2), np.int64)
+            with open(path + ".tmp", "wb") as f:
+                for j, i in enumerate(rows):  # rows in shard order: the dataset reads each row group once
+                    for side, image in enumerate(dataset._read_images(i)[:self.sides]):
+                        image = image or b""  # a missing image stays empty, and fails to decode when read
+                        offsets[j, side] = (f.tell(), len(image))
+                        f.write(image)
+                    bar.update(1)
+                written += f.tell()
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+            index[rows] = offsets
+            index.flush()
+            done[shard] = 1  # only after the file and its index rows are on disk
+            done.flush()
+        bar.close()
+        return written
+
+    def read(self, i, sides):
+        """The image bytes of pair i: [winner] or [winner, loser]."""
+        if self._index is None:
+            self._index = np.load(os.path.join(self.dir, "index.npy"), mmap_mode="r")
+        shard = int(self.shard[i])
+        if shard in self._fds:
+            self._fds.move_to_end(shard)
+        else:
+            self._fds[shard] = os.open(os.path.join(self.dir, f"shard-{shard:05d}.bin"), os.O_RDONLY)
+            if len(self._fds) > OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+        return [os.pread(self._fds[shard], int(n), int(o)) for o, n in self._index[i, :sides]]
+
+
+# -----------------------------------------------------------------------------
 # The latent cache: the VAE runs on each image once
 
 
@@ -271,20 +437,9 @@ class LatentCache:
     """
 
     def __init__(self, root, pairs, resolution, encoder_key, latent_shape):
-        shard = pairs["shard"].combine_chunks()
-        shards = shard.dictionary.to_pylist() if pairs.num_rows else []
-        columns = pairs.select(["caption", "winner_uid", "loser_uid", "row", "winner_col"])
-        digest = hashlib.sha256()
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, columns.schema) as writer:
-            writer.write_table(columns)
-        digest.update(sink.getvalue().to_pybytes())
-        digest.update(shard.indices.to_numpy(zero_copy_only=False).tobytes())
-        files = [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in shards]
-        self.key = {"pairs": digest.hexdigest(), "shards": files, "resolution": resolution,
-                    "encoder": encoder_key, "latent_shape": list(latent_shape)}
-        name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir, self.n, self.latent_shape = os.path.join(root, name), pairs.num_rows, tuple(latent_shape)
+        self.key = {**pairs_key(pairs), "resolution": resolution, "encoder": encoder_key,
+                    "latent_shape": list(latent_shape)}
+        self.dir, self.n, self.latent_shape = key_dir(root, self.key), pairs.num_rows, tuple(latent_shape)
         self._arrays = None
 
     def create(self):
@@ -295,9 +450,7 @@ class LatentCache:
         for name, dtype, shape in [("latents", np.float16, (self.n, 2, *self.latent_shape)),
                                    ("micro", np.int32, (self.n, 2, 4)), ("state", np.int8, (self.n, 2))]:
             np.lib.format.open_memmap(os.path.join(self.dir, f"{name}.npy"), "w+", dtype, shape).flush()
-        with open(os.path.join(self.dir, "key.json.tmp"), "w") as f:
-            json.dump(self.key, f, indent=1)
-        os.replace(os.path.join(self.dir, "key.json.tmp"), os.path.join(self.dir, "key.json"))  # written last
+        write_key(self.dir, self.key)
 
     def arrays(self, mode="r"):
         if self._arrays is None or self._arrays[0] != mode:
@@ -323,14 +476,17 @@ class LatentCache:
         from tqdm import tqdm
 
         sides = [0] if dataset.winners_only else [0, 1]
-        todo = np.array_split(np.asarray(todo), world_size)[rank]  # contiguous shares: few shared pages
-        latents, micro, state = self.arrays("r+")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=todo.tolist(),
+        todo = np.sort(np.asarray(todo, dtype=np.int64))
+        todo = split_at_groups(todo, dataset.row_groups(todo), world_size)[rank]  # contiguous shares of row groups
+        # Each worker reads a contiguous run of whole row groups, so each row group is read once.
+        runs = split_at_groups(todo, dataset.row_groups(todo), max(1, num_workers))
+        loader = torch.utils.data.DataLoader(InOrder(dataset, runs, batch_size), batch_size=None,
                                              num_workers=num_workers, worker_init_fn=ignore_stop_signals)
+        latents, micro, state = self.arrays("r+")
         counts = {"encoded": 0, "skipped": 0, "converted": 0}
         bar = tqdm(total=len(todo), disable=not progress, desc="latent cache", dynamic_ncols=True)
-        for start, batch in zip(range(0, len(todo), batch_size), loader):
-            asked = todo[start:start + batch_size]
+        for batch in loader:
+            asked = batch["asked"].numpy()
             good = batch["index"].numpy() == asked  # else the pair could not be decoded, and the next one came
             keep = torch.from_numpy(good)
             state[asked[~good]] = -1
@@ -353,6 +509,35 @@ class LatentCache:
             bar.update(len(asked))
         bar.close()
         return counts
+
+
+class InOrder(torch.utils.data.IterableDataset):
+    """Batches of the dataset's items, DataLoader worker w taking the indices of runs[w] in order; each batch also
+    says which indices it "asked" for (an undecodable pair is replaced by the next one)."""
+
+    def __init__(self, dataset, runs, batch_size):
+        self.dataset, self.runs, self.batch_size = dataset, runs, batch_size
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        run = self.runs[worker.id] if worker else np.concatenate(self.runs)
+        for k in range(0, len(run), self.batch_size):
+            asked = run[k:k + self.batch_size]
+            batch = torch.utils.data.default_collate([self.dataset[int(i)] for i in asked])
+            yield {**batch, "asked": torch.from_numpy(np.asarray(asked, dtype=np.int64))}
+
+
+def split_at_groups(items, groups, parts):
+    """Split items into `parts` contiguous runs of about equal length, cutting only where the (sorted) group
+    changes, so that no group is split between two runs. Some runs may be empty."""
+    n = len(items)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(np.asarray(groups))) + 1, [n]])
+    cuts = [0]
+    for k in range(1, parts):
+        nearest = int(bounds[np.argmin(np.abs(bounds - k * n / parts))])
+        cuts.append(max(nearest, cuts[-1]))
+    cuts.append(n)
+    return [items[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -75,7 +75,7 @@ ENCODER_DEPTH = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: mid b
 # On --resume the flags not given take the checkpoint's values. These may be given anew and are applied; any
 # other would change what the checkpoint's LoRA, optimizer state or data position mean, and is refused.
 RESUME_MAY_CHANGE = ["max_steps", "micro_batch_size", "lr", "beta", "save_every", "log_every", "num_workers",
-                     "cache_latents", "report_to", "validation_prompts", "validation_every", "dist_timeout"]
+                     "cache_latents", "image_store", "report_to", "validation_prompts", "validation_every", "dist_timeout"]
 
 
 def preset(key):
@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-latents", metavar="DIR", help="run the VAE on each image once, into DIR, and train on "
                    "the cached latents (centre crops, no flips); any run with the same VAE, data, filter and "
                    "resolution reuses them")
+    p.add_argument("--image-store", metavar="DIR", help="copy the pairs' images once into flat files in DIR, "
+                   "so that each item reads its own bytes rather than its parquet row group (for shards "
+                   "with big row groups; costs the disk space of the images)")
     # objective
     p.add_argument("--space", choices=["ncp", "latent"], default="ncp",
                    help="ncp: errors in the U-Net encoder's space at t-1 (eq. 14); latent: Diffusion-DPO (eq. 8)")
@@ -341,6 +344,9 @@ def main(args):
             log_file.flush()
 
     print0(f"data: {json.dumps(counts)}")
+    if not (args.cache_latents or args.image_store) and (group := data.largest_row_group(pairs)) > 2**26:
+        print0(f"data: each item reads a parquet row group of up to {group / 2**20:.0f} MB; "
+               "--image-store DIR or --cache-latents DIR reads each once")
     print0(f"{OBJECTIVE} in {args.space} space | {args.model} | world {world_size} x micro {args.micro_batch_size} x "
            f"accum {accum} = {args.global_batch_size} pairs/step | {args.precision} | {args.max_steps} steps")
     if ckpt is not None and args.changed_on_resume:
@@ -401,6 +407,9 @@ def main(args):
     if args.cache_latents:  # after this, the VAE never runs again
         dataset = sample.cached_dataset(dataset, args.cache_latents, models.vae, rank, world_size,
                                         dist.barrier if ddp else None, args.micro_batch_size, args.num_workers, print0)
+    elif args.image_store:  # each item reads its pair's bytes, not its row group
+        dataset = sample.stored_dataset(dataset, args.image_store, rank, world_size,
+                                        dist.barrier if ddp else None, print0)
 
     # -------------------------------------------------------------------------
     # Data: an endless loader of this rank's micro-batches, starting where the run left off.

@@ -283,15 +283,43 @@ def cached_dataset(dataset, root, vae, rank=0, world_size=1, barrier=None, batch
         counts = cache.fill(source, encode, todo, rank, world_size, batch_size, num_workers, progress=rank == 0)
         log(f"latent cache: this rank encoded {counts['encoded']} images, skipped {counts['skipped']} undecodable "
             f"pairs, converted {counts['converted']} images to RGB")
-        # Wait for the other ranks by watching the cache, not at a barrier: a fill can take hours longer on one
-        # rank than on another, and a collective would time out.
-        last = time.time()
-        while len(left := cache.missing(sides)):
-            if time.time() - last > 60:
-                log(f"latent cache: waiting for the other ranks, {len(left)} pairs still to encode")
-                last = time.time()
-            time.sleep(1)
+        wait_for_ranks(lambda: len(cache.missing(sides)), "latent cache", "pairs still to encode", log)
     return data.CachedDataset(cache, dataset.pairs, dataset.winners_only)
+
+
+def stored_dataset(dataset, root, rank=0, world_size=1, barrier=None, log=print):
+    """Copy the pairs' images into an ImageStore under `root` where needed; return the dataset reading from it.
+
+    Every later run on the same pairs (data, split, filter) reads the store; each item then reads its pair's bytes
+    only, whatever the row-group size of the parquet shards."""
+    import data
+
+    barrier = barrier or (lambda: None)
+    store = data.ImageStore(root, dataset.pairs, sides=1 if dataset.winners_only else 2)
+    if rank == 0:
+        store.create()
+    barrier()
+    todo = store.missing()
+    barrier()  # every rank has the same list before any rank writes
+    log(f"image store {store.dir}: {store.shards - len(todo)} of {store.shards} shards copied, {len(todo)} to copy")
+    if len(todo):
+        source = data.PreferenceDataset(dataset.pairs, dataset.resolution, train=False, winners_only=dataset.winners_only)
+        written = store.build(source, todo, rank, world_size, progress=rank == 0)
+        log(f"image store: this rank copied {written / 2**30:.2f} GiB")
+        wait_for_ranks(lambda: len(store.missing()), "image store", "shards still to copy", log)
+    return data.PreferenceDataset(dataset.pairs, dataset.resolution, dataset.train, dataset.seed,
+                                  dataset.winners_only, dataset.max_tries, store=store)
+
+
+def wait_for_ranks(left, name, what, log, every=60):
+    """Wait until left() is 0 by watching the disk, not at a barrier: one rank's share of a fill can take hours
+    longer than another's, and a collective would time out. Says where it is every `every` seconds."""
+    last = time.time()
+    while n := left():
+        if time.time() - last > every:
+            log(f"{name}: waiting for the other ranks, {n} {what}")
+            last = time.time()
+        time.sleep(1)
 
 
 @torch.no_grad()

@@ -80,3 +80,23 @@ def test_precision_benchmark_on_the_tiny_model(tmp_path):
     assert direct["ncp"]["e_rel_median"] > 0.5  # the rounding floor the JVP removes
     assert jvp["latent"] == direct["latent"]
     assert all(results[p]["encoder_cost"]["tflops"] > 0 for p in results)
+
+
+def test_loader_speed_measures_bytes_read_per_item(tmp_path):
+    out = tmp_path / "loader.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "loader_speed.py"), "--row-group-mb", "0.5", "4",
+           "--shard-mb", "12", "--seconds", "1", "--resolution", "64", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    small, large = report["results"]["0.5MB"], report["results"]["4MB"]
+    for row in (small, large):
+        assert row["store_read"]["mb_read_per_item"] == pytest.approx(row["pair_mb"], rel=0.05)  # the pair's bytes
+        assert row["store_build"]["mb_read"] == pytest.approx(row["store_build"]["shard_mb"], rel=0.1)  # once
+        assert row["store_item"]["items_per_s"] > 0 and row["parquet_item"]["items_per_s"] > 0
+    # Without the store an item reads its row group's two image columns: about the row group.
+    assert large["parquet_read"]["mb_read_per_item"] == pytest.approx(large["largest_row_group_mb"], rel=0.2)
+    assert large["parquet_read"]["mb_read_per_item"] > 5 * small["parquet_read"]["mb_read_per_item"]
+    need = report["needed"]
+    assert need["sdxl_1024px"]["tflop_per_pair"] > need["sd15_512px"]["tflop_per_pair"] > 0

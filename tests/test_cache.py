@@ -89,7 +89,7 @@ def test_a_change_of_vae_resolution_or_data_makes_a_new_cache(tmp_path, models):
 
 def test_an_interrupted_fill_goes_on_where_it_stopped(tmp_path, models):
     vae = models.vae
-    ds = dataset(data.write_synthetic(str(tmp_path / "syn"), n=12))
+    ds = dataset(data.write_synthetic(str(tmp_path / "syn"), n=40))  # three row groups of 16 rows
     key = {"vae": "test"}
     cache = data.LatentCache(str(tmp_path / "cache"), ds.pairs, 32, key, (4, 16, 16))
     cache.create()
@@ -114,7 +114,7 @@ def test_an_interrupted_fill_goes_on_where_it_stopped(tmp_path, models):
 
 
 def test_fill_shares_the_work_between_ranks(tmp_path, models):
-    ds = dataset(data.write_synthetic(str(tmp_path / "syn"), n=12))
+    ds = dataset(data.write_synthetic(str(tmp_path / "syn"), n=40))  # three row groups of 16 rows
     cache = data.LatentCache(str(tmp_path / "cache"), ds.pairs, 32, {"vae": "test"}, (4, 16, 16))
     cache.create()
     source = data.PreferenceDataset(ds.pairs, 32, train=False, winners_only=True)  # SFT: winners only
@@ -124,7 +124,8 @@ def test_fill_shares_the_work_between_ranks(tmp_path, models):
         cache.fill(source, lambda p, s: seeds.extend(s) or torch.zeros(len(s), 4, 16, 16), todo, rank, 3, 2, 0)
         shares.append(seeds)
     assert sorted(s for share in shares for s in share) == [2 * i for i in range(len(ds))]  # each winner once
-    assert [len(share) for share in shares] == [len(a) for a in np.array_split(np.arange(len(ds)), 3)]
+    groups = [set(source.row_groups([s // 2 for s in share]).tolist()) for share in shares]
+    assert all(groups) and sum(map(len, groups)) == len(set.union(*groups)) == 3  # whole row groups, one per rank
     assert len(cache.missing([0])) == 0 and len(cache.missing([0, 1])) == len(ds)  # the losers are still to do
 
 
