@@ -1,18 +1,23 @@
-"""Pick-a-Pic v2 preference pairs, the paper's absolute-winner filter, and the training dataset.
+"""Preference pairs from the formats users have, the paper's absolute-winner filter, and the training dataset.
 
-    pairs, counts = preference_pairs("yuvalkirstain/pickapic_v2", "train", filter="absolute-winners")
+    pairs, counts = preference_pairs("/data/pickapic_v2", "train", filter="absolute-winners")
     dataset = PreferenceDataset(pairs, resolution=1024)
     loader = make_loader(dataset, micro_batch=1, rank=0, world_size=4, seed=0, start=0)
 
+Formats (FORMATS), told apart by what the files hold, never by their names: Pick-a-Pic parquet (v1, v2 and its
+copies), parquet with chosen/rejected image columns, WebDataset tars (Pick-a-Pic's members), HPDv2 and HPDv3
+JSON beside their image folders. A source is a directory, a glob, a file, or a hub dataset id (parquet only; only
+the chosen split is fetched). Every format becomes the same pairs table, with the same rules: ties, unlabeled
+rows, identical images and empty prompts are dropped and counted.
+
 The filter (NCP paper, section 5, Table 2): a contradictory image, a winner in one pair and a loser or tie in
 another, adds noise to the Bradley-Terry gradient (eqs. 16-17). Only pairs whose winner is an *absolute
-winner* are kept: an image uid with at least one win and no loss or draw anywhere in the split. The pass reads
-the metadata columns only; image bytes are read per item, one row group of two columns at a time.
+winner* are kept: an image with at least one win and no loss or draw anywhere in the split. Images are known by
+the format's uids (Pick-a-Pic), their paths (HPD), or else a hash of their bytes, computed only when filtering.
+The pass reads metadata only, except for those hashes; image bytes are read per item.
 
-Source: a directory or glob of parquet shards (`<split>-XXXXX-of-XXXXX.parquet`, with or without `data/`),
-or a hub dataset id (only the chosen split is fetched). write_synthetic makes a tiny generated set.
+write_synthetic makes a tiny generated Pick-a-Pic set.
 """
-
 import collections
 import glob
 import hashlib
@@ -20,6 +25,7 @@ import io
 import json
 import os
 import random
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -28,30 +34,50 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-PICKAPIC = "yuvalkirstain/pickapic_v2"
+# The default source: a full copy of Pick-a-Pic v2 (the original yuvalkirstain/pickapic_v2 is gone from the hub),
+# the same columns and splits. Not pinned here: the hub takes only full 40-digit commit hashes, and none could be
+# checked for this copy. Pin it yourself with the local directory of a `--revision` download (README).
+PICKAPIC = "liuhuohuo2/pick-a-pic-v2"
+PICKAPIC_REVISION = None
 META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid", "are_different", "has_label"]
 REQUIRED = ["caption", "label_0", "image_0_uid", "image_1_uid"]
-IMAGES = ["jpg_0", "jpg_1"]
-OPEN_FILES = 16  # parquet files a DataLoader worker keeps open
+OPEN_FILES = 16  # shard files a DataLoader worker keeps open
 
 
 class DataError(ValueError):
-    """A data source that is missing, empty or not in Pick-a-Pic format."""
+    """A data source that is missing, empty or in none of the known formats."""
 
 
 # -----------------------------------------------------------------------------
-# Finding the shards
+# Finding the source and its format
+
+# The formats, each told by what its files hold (detect), and the image columns of side 0 and 1 in parquet.
+FORMATS = {
+    "pickapic": "parquet with caption, jpg_0, jpg_1, label_0 (Pick-a-Pic v1/v2 and their copies)",
+    "chosen-rejected": "parquet with prompt or caption, chosen, rejected (images as bytes or {bytes, path})",
+    "webdataset": "tar shards with <key>.jpg_0.*, <key>.jpg_1.*, <key>.label_0.txt, <key>.original_prompt.txt",
+    "hpdv2": "JSON list of {prompt, file_path: [a, b], human_preference: [x, y]} beside the image folder",
+    "hpdv3": "JSON list of {prompt, path1, path2, ...}, path1 the preferred image, beside the image folder",
+}
+IMAGE_COLUMNS = {"pickapic": ("jpg_0", "jpg_1"), "chosen-rejected": ("chosen", "rejected")}
 
 
-def find_shards(source, split="train"):
-    """Parquet shards of `split` in a directory, a glob, a file or a hub dataset id. Sorted paths."""
+def find_source(source, split="train"):
+    """(format, sorted paths) of `split` in a directory, a glob, a file or a hub dataset id.
+
+    The format is read from what is there (parquet columns, tar member names, JSON keys), never from a name."""
     if os.path.isdir(source):
-        paths = [p for pattern in (f"{split}-*.parquet", f"data/{split}-*.parquet", f"{split}/*.parquet")
-                 for p in glob.glob(os.path.join(source, pattern))]
+        patterns = [f"{split}-*.parquet", f"data/{split}-*.parquet", f"{split}/*.parquet", f"{split}.json",
+                    f"{split}.jsonl", "*.tar", f"{split}/*.tar", f"data/{split}/*.tar"]
+        paths = []
+        for pattern in patterns:  # the first layout that matches
+            paths = paths or glob.glob(os.path.join(source, pattern))
         if not paths:
-            found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True))
-            raise DataError(f"no {split}-*.parquet shards in {source} (parquet files found: "
-                            f"{', '.join(found[:5]) + (' ...' if len(found) > 5 else '') if found else 'none'})")
+            found = sorted(os.path.relpath(p, source) for p in glob.glob(os.path.join(source, "**", "*.*"),
+                                                                         recursive=True)
+                           if p.endswith((".parquet", ".json", ".jsonl", ".tar")))
+            raise DataError(f"no {split} data in {source}: looked for {', '.join(patterns)} (found: "
+                            f"{', '.join(found[:5]) + (' ...' if len(found) > 5 else '') if found else 'nothing'})")
     elif any(c in source for c in "*?["):
         paths = glob.glob(source)
         if not paths:
@@ -59,17 +85,57 @@ def find_shards(source, split="train"):
     elif os.path.isfile(source):
         paths = [source]
     elif source.count("/") == 1 and not source.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = snapshot_download(source, repo_type="dataset", allow_patterns=[f"data/{split}-*.parquet"])
-        except Exception as e:
-            raise DataError(f"could not fetch split {split!r} of the hub dataset {source} ({type(e).__name__}); "
-                            "download it and pass the local directory") from None
-        return find_shards(local, split)
+        return find_source(fetch(source, split), split)
     else:
-        raise DataError(f"data source {source!r} is not a directory, a parquet file, a glob or a hub dataset id")
-    return sorted(paths)
+        raise DataError(f"data source {source!r} is not a directory, a file, a glob or a hub dataset id")
+    paths = sorted(paths)
+    return detect(paths), paths
+
+
+def fetch(repo, split):
+    """A local copy of a hub dataset's parquet shards of `split` (only those are fetched)."""
+    from huggingface_hub import snapshot_download
+
+    revision = PICKAPIC_REVISION if repo == PICKAPIC else None
+    patterns = [f"data/{split}-*.parquet", f"{split}-*.parquet", f"{split}/*.parquet"]
+    try:
+        return snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns)
+    except Exception as e:
+        raise DataError(f"could not fetch split {split!r} of the hub dataset {repo} ({type(e).__name__}); "
+                        "download it (see the README's Getting the data) and pass the local directory") from None
+
+
+def detect(paths):
+    """The format of these files, from their columns, members or keys. Raises DataError naming what it found."""
+    kinds = {os.path.splitext(p)[1] for p in paths}
+    if len(kinds) > 1:
+        raise DataError(f"the source mixes file types {sorted(kinds)}; give one format at a time")
+    kind = kinds.pop()
+    if kind == ".parquet":
+        names = set(pq.read_schema(paths[0]).names)
+        if {"jpg_0", "jpg_1", "label_0", "caption"} <= names:
+            return "pickapic"
+        if {"chosen", "rejected"} <= names and names & {"prompt", "caption"}:
+            return "chosen-rejected"
+        found = f"columns {sorted(names)}"
+    elif kind == ".tar":
+        with tarfile.open(paths[0]) as tar:
+            members = [m.name for _, m in zip(range(20), tar)]
+        if any(".jpg_0." in m for m in members) and any(m.endswith(".label_0.txt") for m in members):
+            return "webdataset"
+        found = f"members {members[:6]}"
+    elif kind in (".json", ".jsonl"):
+        first = next(iter(read_json(paths[0])), {})
+        keys = set(first) if isinstance(first, dict) else set()
+        if {"prompt", "path1", "path2"} <= keys:
+            return "hpdv3"
+        if {"prompt", "file_path", "human_preference"} <= keys:
+            return "hpdv2"
+        found = f"keys {sorted(keys)}"
+    else:
+        found = f"files {[os.path.basename(p) for p in paths[:3]]}"
+    raise DataError(f"{paths[0]} is in none of the known formats ({found}); the formats: "
+                    + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
 
 
 def check_columns(paths, needed):
@@ -78,7 +144,18 @@ def check_columns(paths, needed):
         names = pq.read_schema(path).names
         missing = [c for c in needed if c not in names]
         if missing:
-            raise DataError(f"{path} is not in Pick-a-Pic format: missing columns {missing}; it has {names}")
+            raise DataError(f"{path} lacks the columns {missing} of its format; it has {names}")
+
+
+def read_json(path):
+    """The records of a JSON list or a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise DataError(f"{path} is not a JSON list of comparisons")
+    return records
 
 
 # -----------------------------------------------------------------------------
@@ -86,38 +163,39 @@ def check_columns(paths, needed):
 
 
 def preference_pairs(source, split="train", filter="none"):
-    """Usable preference pairs and the counts of what was dropped. Reads metadata columns only.
+    """Usable preference pairs and the counts of what was dropped. Reads metadata only (see IDENTITIES).
 
     Returns (pairs, counts): pairs is a pyarrow Table with one row per pair: caption, winner_uid, loser_uid,
-    shard (dictionary-encoded path), row (index in the shard), winner_col (0 or 1). Ties, identical images,
-    unlabeled rows and missing captions are dropped. filter="absolute-winners" keeps a pair only if its winner
-    won at least once and never lost or drew (a tie is a draw for both images) anywhere in the split.
+    shard (dictionary-encoded path), row (index in the shard), winner_col (0 or 1), and where the format keeps
+    its images outside the shard rows, their place (winner_at/_size, loser_at/_size in a tar; winner_path,
+    loser_path). Its schema metadata names the format. Ties (equal labels), identical images, unlabeled rows (no
+    label, or a label that is not a number) and missing or empty captions are dropped, in every format.
+    filter="absolute-winners" keeps a pair only if its winner won at least once and never lost or drew (a tie is a
+    draw for both images) anywhere in the split.
     """
     if filter not in ("none", "absolute-winners"):
         raise ValueError(f"filter must be 'none' or 'absolute-winners', got {filter!r}")
-    paths = find_shards(source, split)
-    check_columns(paths, REQUIRED)
-    tables = []
-    for i, path in enumerate(paths):
-        columns = [c for c in META if c in pq.read_schema(path).names]
-        table = pq.read_table(path, columns=columns)
-        n = table.num_rows
-        table = table.append_column("shard", pa.array(np.full(n, i, np.int32)))
-        tables.append(table.append_column("row", pa.array(np.arange(n, dtype=np.int64))))
-    table = pa.concat_tables(tables, promote_options="default").combine_chunks()
+    fmt, paths = find_source(source, split)
+    if filter == "absolute-winners" and fmt in ("chosen-rejected", "webdataset"):
+        table = hashed_metadata(fmt, paths, source)  # identities from the bytes: the pass is kept as a manifest
+    else:
+        table = read_metadata(fmt, paths)
     n = table.num_rows
 
     label_0 = table["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
-    labeled = _bool_column(table, "has_label", n, default=True) & ~np.isnan(label_0)
+    labeled = ~np.isnan(label_0)
     tie = labeled & (label_0 == 0.5)
     decisive = labeled & ((label_0 == 0) | (label_0 == 1))
-    different = _bool_column(table, "are_different", n, default=True)
-    has_caption = table["caption"].is_valid().to_numpy(zero_copy_only=False)
+    different = table["different"].to_numpy(zero_copy_only=False).astype(bool)
+    caption = table["caption"]
+    has_caption = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(caption)), 0), False)
+    has_caption = has_caption.to_numpy(zero_copy_only=False)
 
-    # One integer id per image uid, shared by both columns (2n strings hashed once).
-    ids = pc.dictionary_encode(pa.chunked_array(table["image_0_uid"].chunks + table["image_1_uid"].chunks))
+    # One integer id per image identity, shared by both sides (2n strings hashed once).
+    ids = pc.dictionary_encode(pa.chunked_array(table["id_0"].chunks + table["id_1"].chunks))
     ids = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in ids.chunks]).astype(np.int64)
     id_0, id_1 = ids[:n], ids[n:]
+    different &= id_0 != id_1
     winner_col = np.where(label_0 == 1, 0, 1)
     winner = np.where(winner_col == 0, id_0, id_1)
     loser = np.where(winner_col == 0, id_1, id_0)
@@ -131,21 +209,206 @@ def preference_pairs(source, split="train", filter="none"):
         absolute = (wins > 0) & (losses_or_draws == 0)
         keep &= absolute[winner]
 
-    uid_0, uid_1 = table["image_0_uid"], table["image_1_uid"]
-    wc = pa.array(winner_col.astype(np.int8))
-    pairs = pa.table({
-        "caption": table["caption"],
-        "winner_uid": pc.if_else(pc.equal(wc, 0), uid_0, uid_1),
-        "loser_uid": pc.if_else(pc.equal(wc, 0), uid_1, uid_0),
-        "shard": pa.DictionaryArray.from_arrays(table["shard"].combine_chunks(), pa.array(paths)),
-        "row": table["row"],
-        "winner_col": wc,
-    }).filter(pa.array(keep))
-    counts = {"rows": n, "unlabeled": int((~labeled).sum()), "ties": int(tie.sum()),
-              "identical": int((decisive & ~different).sum()), "missing_caption": int((decisive & different & ~has_caption).sum()),
+    first = pc.equal(pa.array(winner_col.astype(np.int8)), 0)
+    columns = {"caption": caption, "winner_uid": pc.if_else(first, table["id_0"], table["id_1"]),
+               "loser_uid": pc.if_else(first, table["id_1"], table["id_0"]),
+               "shard": pa.DictionaryArray.from_arrays(table["shard"], pa.array(paths)), "row": table["row"],
+               "winner_col": pa.array(winner_col.astype(np.int8))}
+    for place in ("at", "size", "path"):  # where the images are, for formats that keep them outside the rows
+        if f"{place}_0" in table.column_names:
+            columns[f"winner_{place}"] = pc.if_else(first, table[f"{place}_0"], table[f"{place}_1"])
+            columns[f"loser_{place}"] = pc.if_else(first, table[f"{place}_1"], table[f"{place}_0"])
+    pairs = pa.table(columns).filter(pa.array(keep)).replace_schema_metadata({"format": fmt})
+    counts = {"format": fmt, "rows": n, "unlabeled": int((~labeled).sum()), "ties": int(tie.sum()),
+              "identical": int((decisive & ~different).sum()),
+              "missing_caption": int((decisive & different & ~has_caption).sum()),
               "filtered_out": int((decisive & different & has_caption).sum() - keep.sum()),
-              "pairs": pairs.num_rows, "prompts": int(pc.count_distinct(pairs["caption"]).as_py()) if pairs.num_rows else 0}
+              "pairs": pairs.num_rows,
+              "prompts": int(pc.count_distinct(pairs["caption"]).as_py()) if pairs.num_rows else 0}
     return pairs, counts
+
+
+def comparisons(columns, shard):
+    """The common metadata table of one shard: columns as arrays, plus the shard index and the row."""
+    n = len(columns["label_0"])
+    return pa.table({**columns, "shard": pa.array(np.full(n, shard, np.int32)),
+                     "row": pa.array(np.arange(n, dtype=np.int64))})
+
+
+def positions(shard, n):
+    """Identities that are only places (shard, row, side): enough when no filter needs to recognise an image."""
+    return [f"{shard}/{r}/0" for r in range(n)], [f"{shard}/{r}/1" for r in range(n)]
+
+
+def content_id(data):
+    """An image's identity from its bytes (BLAKE2b, 128 bits); '' for a missing image."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest() if data else ""
+
+
+def image_bytes(value):
+    """The bytes of a parquet image value: bytes, or a {bytes, path} struct as datasets writes images."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value
+
+
+def read_pickapic(paths):
+    check_columns(paths, REQUIRED)
+    tables = []
+    for i, path in enumerate(paths):
+        t = pq.read_table(path, columns=[c for c in META if c in pq.read_schema(path).names])
+        n = t.num_rows
+        label_0 = t["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
+        label_0[~_bool_column(t, "has_label", n, default=True)] = np.nan
+        tables.append(comparisons({"caption": t["caption"], "label_0": label_0, "id_0": t["image_0_uid"],
+                                   "id_1": t["image_1_uid"], "different": _bool_column(t, "are_different", n, True)},
+                                  i))
+    return pa.concat_tables(tables)
+
+
+def read_chosen_rejected(paths, hash_images):
+    """chosen wins: label_0 = 1. Identities: content hashes when filtering (reads every image once), else places."""
+    tables = []
+    for i, path in enumerate(paths):
+        f = pq.ParquetFile(path)
+        prompt = "prompt" if "prompt" in f.schema_arrow.names else "caption"
+        caption = f.read(columns=[prompt])[prompt].cast(pa.string())
+        n = len(caption)
+        if hash_images:
+            ids = [[], []]
+            for g in range(f.num_row_groups):
+                group = f.read_row_group(g, columns=["chosen", "rejected"])
+                for side, column in enumerate(["chosen", "rejected"]):
+                    ids[side] += [content_id(image_bytes(v)) for v in group[column].to_pylist()]
+        else:
+            ids = positions(i, n)
+        tables.append(comparisons({"caption": caption, "label_0": np.ones(n), "id_0": pa.array(ids[0]),
+                                   "id_1": pa.array(ids[1]), "different": np.ones(n, bool)}, i))
+    return pa.concat_tables(tables)
+
+
+def read_webdataset(paths, hash_images):
+    """One comparison per sample key. Reads the tar headers (seeking past the data) and the small text members;
+    the images' places are kept, so an item reads its own bytes. Identities: content hashes when filtering (reads
+    every image once: the whole tar set), else places."""
+    tables = []
+    for i, path in enumerate(paths):
+        samples = {}
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, suffix = os.path.basename(member.name).partition(".")
+                    samples.setdefault(os.path.join(os.path.dirname(member.name), key), {})[suffix] = member
+            rows = {k: [] for k in ("caption", "label_0", "at_0", "size_0", "at_1", "size_1")}
+            ids = [[], []]
+            for members in samples.values():
+                def text(suffix):
+                    m = members.get(suffix)
+                    return tar.extractfile(m).read().decode("utf-8", "replace").strip() if m else None
+                try:
+                    label = float(text("label_0.txt"))
+                except (TypeError, ValueError):
+                    label = np.nan  # missing or not a number: unlabeled
+                rows["caption"].append(text("original_prompt.txt") or text("caption.txt") or text("txt"))
+                rows["label_0"].append(label)
+                for side in (0, 1):
+                    m = next((m for s, m in members.items() if s.startswith(f"jpg_{side}.")), None)
+                    rows[f"at_{side}"].append(m.offset_data if m else -1)
+                    rows[f"size_{side}"].append(m.size if m else 0)
+                    if hash_images:
+                        ids[side].append(content_id(tar.extractfile(m).read() if m else b""))
+        n = len(rows["label_0"])
+        if not hash_images:
+            ids = positions(i, n)
+        tables.append(comparisons({**{k: pa.array(v) for k, v in rows.items()}, "id_0": pa.array(ids[0], pa.string()),
+                                   "id_1": pa.array(ids[1], pa.string()), "different": np.ones(n, bool)}, i))
+    return pa.concat_tables(tables)
+
+
+def image_root(path, records, side_paths):
+    """The folder the JSON's image paths are relative to: its own folder, or the split's folder beside it."""
+    base, split = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))[0]
+    sample = [p for r in records[:20] for p in side_paths(r) if isinstance(p, str)][:10]
+    for root in (base, os.path.join(base, split), os.path.join(base, "images")):
+        found = sum(os.path.exists(os.path.join(root, p)) for p in sample)
+        if found and 2 * found >= len(sample):  # most of them: a few missing images are skipped when read
+            return root
+    raise DataError(f"the images of {path} are not under {base} or {os.path.join(base, split)} (looked for "
+                    f"{sample[:2]}); unpack the dataset's image archives beside the JSON")
+
+
+def read_hpd(fmt, paths):
+    """HPDv2 (human_preference decides; equal is a tie) or HPDv3 (path1 always wins). Identities: the image paths,
+    which the comparisons of a prompt share."""
+    tables = []
+    for i, path in enumerate(paths):
+        records = read_json(path)
+        if fmt == "hpdv3":
+            sides = lambda r: [r.get("path1"), r.get("path2")]  # noqa: E731
+        else:
+            sides = lambda r: list(r.get("file_path") or [])  # noqa: E731
+        root = image_root(path, records, sides)
+        rows = {k: [] for k in ("caption", "label_0", "id_0", "id_1", "path_0", "path_1")}
+        for r in records:
+            pair = sides(r)
+            label = 1.0 if fmt == "hpdv3" else np.nan
+            if fmt == "hpdv2":
+                try:
+                    a, b = (float(x) for x in r.get("human_preference"))
+                    label = 1.0 if a > b else 0.0 if a < b else 0.5
+                except (TypeError, ValueError):
+                    pass  # not two numbers: unlabeled
+            if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+                label, pair = np.nan, ["", ""]
+            prompt = r.get("prompt")
+            rows["caption"].append(prompt if isinstance(prompt, str) else None)
+            rows["label_0"].append(label)
+            for side in (0, 1):
+                rows[f"id_{side}"].append(pair[side])
+                rows[f"path_{side}"].append(os.path.join(root, pair[side]) if pair[side] else "")
+        n = len(records)
+        tables.append(comparisons({**{k: pa.array(v) for k, v in rows.items()}, "different": np.ones(n, bool)}, i))
+    return pa.concat_tables(tables)
+
+
+def read_metadata(fmt, paths, hash_images=False):
+    """The comparisons of the files of one format, as one table: caption, label_0, id_0, id_1, different, shard,
+    row, and the images' places where they lie outside the rows."""
+    if fmt in ("chosen-rejected", "webdataset"):
+        return READERS[fmt](paths, hash_images).combine_chunks()
+    return READERS[fmt](paths).combine_chunks()
+
+
+def hashed_metadata(fmt, paths, source, root=None):
+    """read_metadata with identities hashed from the image bytes, which reads every image once (the WebDataset
+    copy of Pick-a-Pic: 563 GB). The result is kept as a manifest under `root`, named by the files' names, sizes
+    and modification times, so a later run, or another user of the same copy, reads it instead."""
+    root = root or os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache")), "ncp", "manifests")
+    files = [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+    path = os.path.join(root, hashlib.sha256(json.dumps([fmt, files]).encode()).hexdigest()[:16] + ".parquet")
+    if os.path.exists(path):
+        return pq.read_table(path).combine_chunks()
+    table = read_metadata(fmt, paths, hash_images=True)
+    os.makedirs(root, exist_ok=True)
+    about = {"source": source, "format": fmt, "identities": "blake2b-128 of the image bytes", "files": files}
+    pq.write_table(table.replace_schema_metadata({"manifest": json.dumps(about)}), path + f".{os.getpid()}.tmp")
+    os.replace(path + f".{os.getpid()}.tmp", path)
+    return table
+
+
+def split_captions(source, split):
+    """The distinct non-empty captions of a split, in order (for prompt lists), from the metadata only."""
+    fmt, paths = find_source(source, split)
+    if fmt in IMAGE_COLUMNS:
+        column = "prompt" if "prompt" in pq.read_schema(paths[0]).names and fmt != "pickapic" else "caption"
+        captions = [c for p in paths for c in pq.read_table(p, columns=[column])[column].to_pylist()]
+    else:
+        captions = read_metadata(fmt, paths)["caption"].to_pylist()
+    return list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
+
+
+READERS = {"pickapic": read_pickapic, "chosen-rejected": read_chosen_rejected, "webdataset": read_webdataset,
+           "hpdv2": lambda paths: read_hpd("hpdv2", paths), "hpdv3": lambda paths: read_hpd("hpdv3", paths)}
 
 
 def _bool_column(table, name, n, default):
@@ -155,15 +418,18 @@ def _bool_column(table, name, n, default):
 
 
 def largest_row_group(pairs):
-    """Bytes read from disk for one image of the largest row group: its image columns' chunks (footers only)."""
+    """Bytes read from disk for one image of the largest row group: its image columns' chunks (footers only).
+    0 for formats outside parquet, whose items read their own bytes."""
+    fmt = (pairs.schema.metadata or {}).get(b"format", b"pickapic").decode()
     largest = 0
-    for path in (pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []):
+    shards = pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []
+    for path in shards if fmt in IMAGE_COLUMNS else []:
         meta = pq.read_metadata(path)
-        names = [meta.schema.column(c).name for c in range(meta.num_columns)]
+        names = [meta.schema.column(c).path.split(".")[0] for c in range(meta.num_columns)]
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             largest = max(largest, sum(group.column(c).total_compressed_size for c, name in enumerate(names)
-                                       if name in IMAGES))
+                                       if name in IMAGE_COLUMNS[fmt]))
     return largest
 
 
@@ -219,10 +485,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.pairs, self.resolution, self.train, self.seed = pairs, resolution, train, seed
         self.winners_only, self.max_tries, self.store = winners_only, max_tries, store
         self.paths = pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []
-        if store is None:
-            check_columns(sorted(set(self.paths)), IMAGES)
-        elif store.sides < (1 if winners_only else 2):
+        self.format = (pairs.schema.metadata or {}).get(b"format", b"pickapic").decode()
+        if store is None and self.format in IMAGE_COLUMNS:
+            check_columns(sorted(set(self.paths)), IMAGE_COLUMNS[self.format])
+        elif store is not None and store.sides < (1 if winners_only else 2):
             raise ValueError("this image store holds the winners only")
+        self.places = {k: pairs[k].to_numpy() if k.endswith(("_at", "_size")) else pairs[k].to_pylist()
+                       for k in pairs.column_names if k.endswith(("_at", "_size", "_path"))}
         self.shard = pairs["shard"].combine_chunks().indices.to_numpy(zero_copy_only=False)
         self.row = pairs["row"].to_numpy()
         self.winner_col = pairs["winner_col"].to_numpy()
@@ -237,20 +506,30 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_files": collections.OrderedDict(), "_group": (None, {})}
 
     def _file(self, shard):
-        """The open ParquetFile of a shard and its row groups' first rows; at most OPEN_FILES stay open."""
+        """The open shard: a ParquetFile and its row groups' first rows, or a tar's descriptor. At most OPEN_FILES
+        stay open."""
         if shard in self._files:
             self._files.move_to_end(shard)
+        elif self.format == "webdataset":
+            self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
         else:
             f = pq.ParquetFile(self.paths[shard])
             starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
             self._files[shard] = (f, starts)
-            if len(self._files) > OPEN_FILES:
-                self._files.popitem(last=False)[1][0].close()
+        if len(self._files) > OPEN_FILES:
+            old = self._files.popitem(last=False)[1]
+            if isinstance(old, int):
+                os.close(old)
+            else:
+                old[0].close()
         return self._files[shard]
 
     def row_groups(self, indices):
-        """(shard, row group) of each pair index, as one int64 per pair that sorts like the shards' order."""
+        """(shard, row group) of each pair index, as one int64 per pair that sorts like the shards' order. Formats
+        outside parquet have no row groups: each pair is its own."""
         indices = np.asarray(indices, dtype=np.int64)
+        if self.format not in IMAGE_COLUMNS:
+            return indices
         out = np.empty(len(indices), np.int64)
         for shard in np.unique(self.shard[indices]):
             at = self.shard[indices] == shard
@@ -259,8 +538,20 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return out
 
     def _read_images(self, i):
+        """The image bytes of pair i, [winner] or [winner, loser]; b"" or None for a missing image."""
+        sides = ["winner"] if self.winners_only else ["winner", "loser"]
         if self.store is not None:
-            return self.store.read(i, 1 if self.winners_only else 2)
+            return self.store.read(i, len(sides))
+        if self.format == "webdataset":  # the members' own bytes, by their place in the tar
+            fd = self._file(int(self.shard[i]))
+            return [os.pread(fd, int(self.places[f"{s}_size"][i]), int(self.places[f"{s}_at"][i]))
+                    if self.places[f"{s}_at"][i] >= 0 else b"" for s in sides]
+        if self.format in ("hpdv2", "hpdv3"):
+            out = []
+            for s in sides:
+                with open(self.places[f"{s}_path"][i], "rb") as f:
+                    out.append(f.read())
+            return out
         w = int(self.winner_col[i])
         shard = int(self.shard[i])
         f, starts = self._file(shard)
@@ -268,12 +559,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if self._group[0] != (shard, group):
             self._group = ((shard, group), {})
         values = self._group[1]
-        columns = [IMAGES[w]] if self.winners_only else [IMAGES[w], IMAGES[1 - w]]
+        images = IMAGE_COLUMNS[self.format]
+        columns = [images[w]] if self.winners_only else [images[w], images[1 - w]]
         for c in columns:
             if c not in values:  # each column chunk of the row group is read once while the rows stay in it
                 values[c] = f.read_row_group(group, columns=[c]).column(0)
         offset = int(self.row[i] - starts[group])
-        return [values[c][offset].as_py() for c in columns]
+        return [image_bytes(values[c][offset].as_py()) for c in columns]
 
     def __getitem__(self, key):
         index, position = key if isinstance(key, tuple) else (key, key)

@@ -78,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + preset("lora_rank"))
     # data
     p.add_argument("--data", default=data.PICKAPIC,
-                   help="Pick-a-Pic parquet dir or glob, hub dataset id, or 'synthetic' (default: %(default)s)")
+                   help="preference data: a directory, glob or file of Pick-a-Pic parquet, chosen/rejected parquet, "
+                   "WebDataset tars or HPDv2/v3 JSON (told apart by content), a hub dataset id, or 'synthetic' "
+                   "(default: %(default)s)")
     p.add_argument("--split", default="train", help="dataset split to train on (default: %(default)s)")
     p.add_argument("--filter", choices=["none", "absolute-winners"],
                    help="absolute-winners: keep pairs whose winner never lost or drew, the paper's filter "

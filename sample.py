@@ -381,9 +381,49 @@ def load_lora(unet, lora_dir, adapter_name="default"):
 DEFAULTS = {"sd15": dict(guidance_scale=7.5, steps=50), "sdxl": dict(guidance_scale=5.0, steps=50)}
 
 
-def read_prompts(spec, data_source="yuvalkirstain/pickapic_v2"):
-    """A text file (one prompt a line), PartiPrompts' TSV (the Prompt column), or a Pick-a-Pic split name
-    such as validation_unique (its unique captions, in order). Raises ValueError when there is none."""
+# Named prompt sets: fetched once into the cache, and checked, so that everyone evaluates on the same prompts.
+# PartiPrompts (Apache-2.0): the TSV at the commit that last changed it, 1,632 prompts in its Prompt column.
+PROMPT_SETS = {"partiprompts": {
+    "url": "https://raw.githubusercontent.com/google-research/parti/2c99f6652cbc7f0d0441aa91f4c7e7055bcb0071/"
+           "PartiPrompts.tsv",
+    "sha256": "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb", "file": "PartiPrompts.tsv"}}
+
+
+def prompt_set(name, cache=None):
+    """The path of a named prompt set's file, fetched into `cache` on first use and checked against its SHA-256."""
+    import hashlib
+    import urllib.request
+
+    spec = PROMPT_SETS[name]
+    cache = cache or os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache")), "ncp", "prompts")
+    path = os.path.join(cache, spec["file"])
+    if not os.path.exists(path):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ValueError(f"the prompt set {name} is not in {cache} and HF_HUB_OFFLINE=1; fetch {spec['url']} "
+                             f"there as {spec['file']}")
+        os.makedirs(cache, exist_ok=True)
+        try:
+            with urllib.request.urlopen(spec["url"], timeout=60) as r:
+                payload = r.read()
+        except OSError as e:
+            raise ValueError(f"could not fetch the prompt set {name} from {spec['url']} ({e})") from None
+        with open(path + ".tmp", "wb") as f:
+            f.write(payload)
+        os.replace(path + ".tmp", path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != spec["sha256"]:
+        raise ValueError(f"{path} is not the published {name} (SHA-256 {digest[:12]}..., expected "
+                         f"{spec['sha256'][:12]}...); delete it to fetch it again")
+    return path
+
+
+def read_prompts(spec, data_source=None):
+    """A text file (one prompt a line), a TSV with a Prompt column (PartiPrompts), a named set (PROMPT_SETS), or a
+    split name of a preference source, such as validation_unique (its unique captions, in order). Raises ValueError
+    when there is none."""
+    if spec in PROMPT_SETS:
+        spec = prompt_set(spec)
     if not os.path.isfile(spec) and (os.sep in spec or spec.endswith((".txt", ".tsv"))):
         raise ValueError(f"no prompt file {spec}")  # a path, not a split name
     if os.path.isfile(spec):
@@ -402,12 +442,9 @@ def read_prompts(spec, data_source="yuvalkirstain/pickapic_v2"):
         else:
             prompts = [line.strip() for line in text.splitlines()]
     else:
-        import data  # a Pick-a-Pic split: captions from the metadata columns only
-        import pyarrow.parquet as pq
+        import data  # a split of a preference source: its captions, from the metadata only
 
-        paths = data.find_shards(data_source, spec)
-        prompts = [c for p in paths for c in pq.read_table(p, columns=["caption"])["caption"].to_pylist() if c]
-        prompts = list(dict.fromkeys(prompts))
+        prompts = data.split_captions(data_source or data.PICKAPIC, spec)
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"no prompts in {spec}")
@@ -512,12 +549,15 @@ class Reporter:
 
 
 def parse_args(argv=None):
+    import data
+
     p = argparse.ArgumentParser(description="Generate paired images for a prompt list, with or without a LoRA.")
     p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id")
     p.add_argument("--lora", help="a training output dir holding pytorch_lora_weights.safetensors (none: the base)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA")
-    p.add_argument("--prompts", required=True, help="a text file, PartiPrompts' .tsv, or a Pick-a-Pic split name")
-    p.add_argument("--data", default="yuvalkirstain/pickapic_v2", help="where --prompts SPLIT is read from")
+    p.add_argument("--prompts", required=True, help="a text file, a .tsv with a Prompt column, partiprompts (fetched "
+                   "once and checked), or a split name of --data such as validation_unique")
+    p.add_argument("--data", default=data.PICKAPIC, help="where --prompts SPLIT is read from (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder: images, index.json and grid.png")
     p.add_argument("--resolution", type=int, help="image size (default: the model's, 512 / 1024)")
     p.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")

@@ -3,10 +3,12 @@
 import copy
 import os
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="ncp-tests-hf-home-")  # manifests and prompt sets: never the user's
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sample  # noqa: E402

@@ -43,7 +43,7 @@ def test_pairs_hand_computed(tmp_path):
     assert pairs["winner_uid"].to_pylist() == ["A", "A", "E", "F", "G", "L"]
     assert pairs["loser_uid"].to_pylist() == ["B", "C", "D", "E", "I", "M"]
     assert pairs["winner_col"].to_pylist() == [0, 0, 1, 1, 0, 0]
-    assert counts == {"rows": 9, "unlabeled": 0, "ties": 1, "identical": 1, "missing_caption": 1,
+    assert counts == {"format": "pickapic", "rows": 9, "unlabeled": 0, "ties": 1, "identical": 1, "missing_caption": 1,
                       "filtered_out": 0, "pairs": 6, "prompts": 4}
 
     pairs, counts = data.preference_pairs(str(tmp_path), "train", filter="absolute-winners")
@@ -67,10 +67,14 @@ def test_filter_spans_shards_and_reads_no_image_bytes(tmp_path, monkeypatch):
 
 
 def test_bad_sources_fail_with_what_was_found(tmp_path):
-    with pytest.raises(data.DataError, match="no train-"):
+    with pytest.raises(data.DataError, match=r"no train data in .* looked for train-\*.parquet"):
         data.preference_pairs(str(tmp_path), "train")
     pq.write_table(pa.table({"caption": ["x"], "label_0": [1.0]}), tmp_path / "train-0.parquet")
-    with pytest.raises(data.DataError, match=r"missing columns \['image_0_uid', 'image_1_uid'\]"):
+    with pytest.raises(data.DataError, match=r"none of the known formats \(columns \['caption', 'label_0'\]\)"):
+        data.preference_pairs(str(tmp_path), "train")
+    pq.write_table(pa.table({"caption": ["x"], "label_0": [1.0], "jpg_0": [b""], "jpg_1": [b""]}),
+                   tmp_path / "train-0.parquet")
+    with pytest.raises(data.DataError, match=r"lacks the columns \['image_0_uid', 'image_1_uid'\]"):
         data.preference_pairs(str(tmp_path), "train")
     with pytest.raises(data.DataError, match="not a directory"):
         data.preference_pairs(str(tmp_path / "nope"), "train")

@@ -179,7 +179,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path):
     (["--model", "tiny", "--global-batch-size", "6", "--micro-batch-size", "4"], "must be a positive multiple"),
     (["--model", "tiny", "--resume"], "nothing to resume"),
     (["--model", "sd-15"], "unknown --model 'sd-15'"),
-    (["--model", "tiny", "--data", "/no/such/dir"], "is not a directory, a parquet file"),
+    (["--model", "tiny", "--data", "/no/such/dir"], "is not a directory, a file, a glob"),
 ])
 def test_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))

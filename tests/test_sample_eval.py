@@ -66,6 +66,37 @@ def test_prompt_sources(tmp_path):
     assert got and len(got) == len(set(got)) and all(p.startswith("a ") for p in got)
 
 
+def test_named_prompt_sets_are_fetched_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    published = "Prompt\tCategory\nA bear\tAnimals\nA red cube\tShapes\n".encode()
+    (tmp_path / "server.tsv").write_bytes(published)
+    spec = {"url": (tmp_path / "server.tsv").as_uri(), "sha256": hashlib.sha256(published).hexdigest(),
+            "file": "set.tsv"}
+    monkeypatch.setitem(sample.PROMPT_SETS, "myset", spec)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert sample.read_prompts("myset") == ["A bear", "A red cube"]
+    (tmp_path / "server.tsv").write_bytes(b"Prompt\nsomething else\n")  # the cached copy is what is read
+    assert sample.read_prompts("myset") == ["A bear", "A red cube"]
+    cached = tmp_path / "home" / "ncp" / "prompts" / "set.tsv"
+    cached.write_bytes(b"Prompt\nA bear\n")  # edited or truncated: refused
+    with pytest.raises(ValueError, match="is not the published myset"):
+        sample.read_prompts("myset")
+    cached.unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="not in .* and HF_HUB_OFFLINE=1"):
+        sample.read_prompts("myset")
+    assert sample.PROMPT_SETS["partiprompts"]["url"].endswith("PartiPrompts.tsv")
+
+
+def test_split_prompts_from_other_formats(tmp_path):
+    from test_formats import write_hpdv3
+
+    got = sample.read_prompts("train", write_hpdv3(tmp_path / "v3"))
+    assert got == ["p0", "p2", "p3", "p4", "p6"]  # every comparison's caption, in order, each once
+
+
 def test_bad_sampling_input_fails_cleanly(tmp_path, prompts):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "nolora").mkdir()
