@@ -26,6 +26,7 @@ import json
 import os
 import random
 import tarfile
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -577,7 +578,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             i = (index + attempt) % len(self)
             try:
                 images = [load_image(b) for b in self._read_images(i)]
-            except (OSError, ValueError, pa.ArrowException, Image.DecompressionBombError):  # corrupt or missing: skip, count
+            except (OSError, ValueError, pa.ArrowException, Image.DecompressionBombError):  # corrupt, missing: skip
                 skipped += 1
                 continue
             if not self.captions[i]:
@@ -585,7 +586,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 continue
             out = [resize_crop(image, self.resolution, u, v, flip) for image, _ in images]
             return {"pixels": torch.stack([o[0] for o in out]),  # (2, 3, R, R): winner, loser
-                    "index": i, "original_sizes": torch.tensor([o[1] for o in out]), "crops_top_left": torch.tensor([o[2] for o in out]),
+                    "index": i, "original_sizes": torch.tensor([o[1] for o in out]),
+                    "crops_top_left": torch.tensor([o[2] for o in out]),
                     "caption": self.captions[i], "skipped": skipped, "converted": sum(c for _, c in images)}
         raise DataError(f"{self.max_tries} pairs in a row from pair {index} could not be decoded; is the data corrupt?")
 
@@ -861,6 +863,65 @@ class CachedDataset(torch.utils.data.Dataset):
         raise DataError(f"the latent cache {self.cache.dir} holds no usable pair")
 
 
+def cached_dataset(dataset, root, encode, encoder_key, latent_shape, rank=0, world_size=1, barrier=None, batch_size=8,
+                   num_workers=2, log=print):
+    """Fill the latent cache under `root` for this PreferenceDataset's pairs, where needed; return a CachedDataset.
+
+    encode, encoder_key, latent_shape: see LatentCache (sample.latent_encoder(vae, resolution) gives them). The VAE
+    runs once per image over all ranks and runs: a later run, of any objective or space, with the same VAE (weights
+    and dtype), data, filter and resolution reads the cache and never runs the VAE. barrier: the ranks' barrier,
+    when there are several."""
+    barrier = barrier or (lambda: None)
+    cache = LatentCache(root, dataset.pairs, dataset.resolution, encoder_key, latent_shape)
+    if rank == 0:
+        cache.create()
+    barrier()
+    sides = [0] if dataset.winners_only else [0, 1]
+    todo = cache.missing(sides)
+    barrier()  # every rank has the same list before any rank writes
+    log(f"latent cache {cache.dir}: {cache.n - len(todo)} of {cache.n} pairs cached, {len(todo)} to encode")
+    if len(todo):
+        source = PreferenceDataset(dataset.pairs, dataset.resolution, train=False, winners_only=dataset.winners_only)
+        counts = cache.fill(source, encode, todo, rank, world_size, batch_size, num_workers, progress=rank == 0)
+        log(f"latent cache: this rank encoded {counts['encoded']} images, skipped {counts['skipped']} undecodable "
+            f"pairs, converted {counts['converted']} images to RGB")
+        wait_for_ranks(lambda: len(cache.missing(sides)), "latent cache", "pairs still to encode", log)
+    return CachedDataset(cache, dataset.pairs, dataset.winners_only)
+
+
+def stored_dataset(dataset, root, rank=0, world_size=1, barrier=None, log=print):
+    """Copy the pairs' images into an ImageStore under `root` where needed; return the dataset reading from it.
+
+    Every later run on the same pairs (data, split, filter) reads the store; each item then reads its pair's bytes
+    only, whatever the row-group size of the parquet shards."""
+    barrier = barrier or (lambda: None)
+    store = ImageStore(root, dataset.pairs, sides=1 if dataset.winners_only else 2)
+    if rank == 0:
+        store.create()
+    barrier()
+    todo = store.missing()
+    barrier()  # every rank has the same list before any rank writes
+    log(f"image store {store.dir}: {store.shards - len(todo)} of {store.shards} shards copied, {len(todo)} to copy")
+    if len(todo):
+        source = PreferenceDataset(dataset.pairs, dataset.resolution, train=False, winners_only=dataset.winners_only)
+        written = store.build(source, todo, rank, world_size, progress=rank == 0)
+        log(f"image store: this rank copied {written / 2**30:.2f} GiB")
+        wait_for_ranks(lambda: len(store.missing()), "image store", "shards still to copy", log)
+    return PreferenceDataset(dataset.pairs, dataset.resolution, dataset.train, dataset.seed, dataset.winners_only,
+                             dataset.max_tries, store=store)
+
+
+def wait_for_ranks(left, name, what, log, every=60):
+    """Wait until left() is 0 by watching the disk, not at a barrier: one rank's share of a fill can take hours
+    longer than another's, and a collective would time out. Says where it is every `every` seconds."""
+    last = time.time()
+    while n := left():
+        if time.time() - last > every:
+            log(f"{name}: waiting for the other ranks, {n} {what}")
+            last = time.time()
+        time.sleep(1)
+
+
 # -----------------------------------------------------------------------------
 # Distributed, resumable order
 
@@ -967,7 +1028,8 @@ def write_synthetic(out_dir, n=64, seed=0, size=64, split="train", tie_every=10,
         wrong = rng.choice([c for c in COLORS if c != color])
         wh = (size, size) if i % 3 else (size * 5 // 4, size)
         good = jpeg_bytes(draw_shape(COLORS[color], shape, wh, rng))
-        bad = good if i % identical_every == identical_every - 1 else jpeg_bytes(draw_shape(COLORS[wrong], shape, wh, rng))
+        identical = i % identical_every == identical_every - 1
+        bad = good if identical else jpeg_bytes(draw_shape(COLORS[wrong], shape, wh, rng))
         label_0 = 0.5 if i % tie_every == tie_every - 1 else float(rng.random() < 0.5)
         jpg_0, jpg_1 = (good, bad) if label_0 != 0 else (bad, good)
         uid_0, uid_1 = f"{i:06d}-0", f"{i:06d}-1"
@@ -980,7 +1042,7 @@ def write_synthetic(out_dir, n=64, seed=0, size=64, split="train", tie_every=10,
         rows["image_1_uid"].append(uid_1)
         rows["best_image_uid"].append("" if label_0 == 0.5 else (uid_0 if label_0 == 1 else uid_1))
         rows["has_label"].append(True)
-        rows["are_different"].append(bad is not good)
+        rows["are_different"].append(not identical)
         rows["model_0"].append("synthetic")
         rows["model_1"].append("synthetic")
         rows["ranking_id"].append(i)

@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 METHODS = ("direct", "jvp")
+DEPTHS = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: through the mid block for SD1.5, not for SDXL
 
 
 def method_for(dtype):
@@ -57,7 +58,8 @@ def previous_sample(scheduler, x_t, t, eps, z):
     beta_t = 1 - abar_t / abar_prev  # the scheduler's beta_t, recovered exactly as DDPMScheduler does
     x_t32, eps32 = x_t.float(), eps.float()
     x0_hat = (x_t32 - (1 - abar_t).sqrt() * eps32) / abar_t.sqrt()
-    mu = (abar_prev.sqrt() * beta_t / (1 - abar_t)) * x0_hat + ((1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t32
+    mu = ((abar_prev.sqrt() * beta_t / (1 - abar_t)) * x0_hat
+          + ((1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t32)
     var = (1 - abar_prev) / (1 - abar_t) * beta_t  # exactly 0 at t = 0
     return (mu + var.clamp(min=0).sqrt() * z.float()).to(x_t.dtype)
 
@@ -109,7 +111,8 @@ def base_weights(unet):
 
 @contextmanager
 def _no_block_checkpointing(unet):
-    blocks = [m for b in [*unet.down_blocks, unet.mid_block] for m in b.modules() if hasattr(m, "gradient_checkpointing")]
+    blocks = [m for b in [*unet.down_blocks, unet.mid_block] for m in b.modules()
+              if hasattr(m, "gradient_checkpointing")]
     flags = [m.gradient_checkpointing for m in blocks]
     for m in blocks:
         m.gradient_checkpointing = False
@@ -120,25 +123,25 @@ def _no_block_checkpointing(unet):
             m.gradient_checkpointing = flag
 
 
-def _base_features(unet, x, s, cond, depth):
+def _base_features(unet, x, t_prev, cond, depth):
     with base_weights(unet), _no_block_checkpointing(unet):
-        return down_stack(unet, x, s, cond, depth)
+        return down_stack(unet, x, t_prev, cond, depth)
 
 
-def _base_tangent(unet, x, s, cond, depth, tangent):
+def _base_tangent(unet, x, t_prev, cond, depth, tangent):
     """J_E(x) tangent: the forward-mode derivative of E at x along `tangent`, with the base weights."""
     with base_weights(unet), _no_block_checkpointing(unet), sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
-        return fwAD.unpack_dual(down_stack(unet, fwAD.make_dual(x, tangent), s, cond, depth)).tangent
+        return fwAD.unpack_dual(down_stack(unet, fwAD.make_dual(x, tangent), t_prev, cond, depth)).tangent
 
 
-def encode(unet, x, s, cond, depth="mid", tangent=None):
-    """E(x, s, c) with the base weights, or J_E(x) tangent if a tangent is given. (B, C', h', w').
+def encode(unet, x, t_prev, cond, depth="mid", tangent=None):
+    """E(x, t_prev, c) with the base weights, or J_E(x) tangent if a tangent is given. (B, C', h', w').
 
     Safe under gradient checkpointing (see below)."""
     if tangent is None:
-        fn, inputs = _base_features, (unet, x, s, cond, depth)
+        fn, inputs = _base_features, (unet, x, t_prev, cond, depth)
     else:
-        fn, inputs = _base_tangent, (unet, x, s, cond, depth, tangent)
+        fn, inputs = _base_tangent, (unet, x, t_prev, cond, depth, tangent)
     if torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
         # The blocks' own checkpointing would recompute them during backward, when the adapters are on
         # again, and silently differentiate the LoRA model instead of the base. So the blocks do not
@@ -196,21 +199,21 @@ def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth):
     deltas = [previous_sample(scheduler, x_t.float(), t, pred, z) - x_star for pred in preds]  # z cancels out
     # The primal point: half way along the (mean) step, a central difference. A constant for the gradient.
     x_mid = (x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))).to(x_t.dtype).contiguous()
-    s = (t - 1).clamp(min=0)
+    t_prev = (t - 1).clamp(min=0)
     if len(deltas) == 1:
-        return [_tangent(unet, x_mid, s, cond, depth, deltas[0]).pow(2).mean(dim=(1, 2, 3))]
+        return [_tangent(unet, x_mid, t_prev, cond, depth, deltas[0]).pow(2).mean(dim=(1, 2, 3))]
     # J d_1 (the reference: no grad), and J (d_0 - d_1), the small policy-reference difference at its own scale.
     with torch.no_grad():
-        j1 = _tangent(unet, x_mid, s, cond, depth, deltas[1])
-    j01 = _tangent(unet, x_mid, s, cond, depth, deltas[0] - deltas[1])
+        j1 = _tangent(unet, x_mid, t_prev, cond, depth, deltas[1])
+    j01 = _tangent(unet, x_mid, t_prev, cond, depth, deltas[0] - deltas[1])
     return [(j1 + j01).pow(2).mean(dim=(1, 2, 3)), j1.pow(2).mean(dim=(1, 2, 3))]
 
 
-def _tangent(unet, x, s, cond, depth, delta):
+def _tangent(unet, x, t_prev, cond, depth, delta):
     """J_E(x) delta in fp32, delta passed at unit scale per sample (no fp16 underflow; the JVP is linear)."""
     scale = delta.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     tangent = (delta / scale).to(x.dtype).contiguous()  # group_norm's forward-mode rule fails on channels-last input
-    return encode(unet, x, s, cond, depth, tangent=tangent).float() * scale
+    return encode(unet, x, t_prev, cond, depth, tangent=tangent).float() * scale
 
 
 def latent_error(pred, noise):

@@ -1,7 +1,8 @@
 """Win rate of one image folder over another, scored with PickScore (and HPSv2 when installed): Table 1's protocol.
 
     python sample.py --model sdxl --prompts validation_unique --out samples/base
-    python sample.py --model sdxl --lora runs/dpo-ncp-sdxl-absolute-winners --prompts validation_unique --out samples/ncp
+    python sample.py --model sdxl --lora runs/dpo-ncp-sdxl-absolute-winners --prompts validation_unique \
+        --out samples/ncp
     python evaluate.py samples/ncp samples/base --out report.json
 
 Both folders come from sample.py over the same prompts and seeds; images pair up by file name. For each pair,
@@ -40,7 +41,8 @@ def pair_up(folder_a, folder_b):
     a, b = read_index(folder_a), read_index(folder_b)
     if a.keys() != b.keys() or any(a[k] != b[k] for k in a):
         differ = sorted(set(a) ^ set(b))[:3] or [k for k in a if a[k] != b[k]][:3]
-        raise ValueError(f"{folder_a} and {folder_b} do not pair up (same prompts and files expected; differ: {differ})")
+        raise ValueError(f"{folder_a} and {folder_b} do not pair up (same prompts and files expected; "
+                         f"differ: {differ})")
     return sorted(a.items())
 
 
@@ -117,13 +119,14 @@ def main(args):
         scorers["hpsv2"] = hps
     report = {"dir_a": args.dir_a, "dir_b": args.dir_b, "pairs": len(pairs)}
     for name, scorer in scorers.items():
-        a, b = score_folder(scorer, args.dir_a, pairs, args.batch_size), score_folder(scorer, args.dir_b, pairs, args.batch_size)
+        a, b = (score_folder(scorer, folder, pairs, args.batch_size) for folder in (args.dir_a, args.dir_b))
         result = winrate(a, b)
         report[f"{name}_winrate"] = result["winrate"]
         report[f"{name}_winrate_ci95"] = result["winrate_ci95"]
         report[f"{name}_mean_a"], report[f"{name}_mean_b"] = a.mean().item(), b.mean().item()
         lo, hi = result["winrate_ci95"]
-        print(f"{name}: A wins {100 * result['winrate']:.1f}% of {len(pairs)} pairs (95% CI {100 * lo:.1f}-{100 * hi:.1f}), "
+        print(f"{name}: A wins {100 * result['winrate']:.1f}% of {len(pairs)} pairs "
+              f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}), "
               f"mean A {a.mean():.3f}, mean B {b.mean():.3f}")
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

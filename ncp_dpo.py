@@ -19,7 +19,6 @@ checkpoint.pt (everything needed to resume), metrics.jsonl and log.txt.
 import argparse
 import datetime
 import json
-import math
 import os
 import shutil
 import signal
@@ -30,7 +29,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -38,7 +36,9 @@ import data
 import encoder
 import sample
 
+# objective: DPO's loss (eqs. 8 and 14) and the flag a resume may change for it
 OBJECTIVE = "dpo"
+OBJECTIVE_MAY_CHANGE = ["beta"]
 
 
 def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
@@ -51,12 +51,13 @@ def dpo_loss(e_w, e_l, ref_e_w, ref_e_l, beta):
     ref_diff)). Beta is in the thousands because the errors are means over many elements and the two models'
     errors differ by about 1e-3. The batch mean is taken outside logsigmoid.
     """
-    inside = (ref_e_w - ref_e_l) - (e_w - e_l)  # (B,) > 0: the policy prefers the winner more than the reference
-    loss = -F.logsigmoid(beta * inside).mean()
-    metrics = {"loss": loss, "accuracy": (inside > 0).float().mean() + 0.5 * (inside == 0).float().mean(),
-               "margin": inside.mean(), "e_w": e_w.mean(), "e_l": e_l.mean(),
+    margin = (ref_e_w - ref_e_l) - (e_w - e_l)  # (B,) > 0: the policy prefers the winner more than the reference
+    loss = -torch.nn.functional.logsigmoid(beta * margin).mean()
+    metrics = {"loss": loss, "accuracy": (margin > 0).float().mean() + 0.5 * (margin == 0).float().mean(),
+               "margin": margin.mean(), "e_w": e_w.mean(), "e_l": e_l.mean(),
                "ref_e_w": ref_e_w.mean(), "ref_e_l": ref_e_l.mean()}
     return loss, {k: v.detach().float() for k, v in metrics.items()}
+# end of objective
 
 
 # -----------------------------------------------------------------------------
@@ -71,11 +72,11 @@ PRESETS = {
     "tiny": dict(resolution=32, global_batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=0,
                  max_steps=60, lora_rank=8, gradient_checkpointing=False, filter="none"),
 }
-ENCODER_DEPTH = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: mid block for SD1.5, not for SDXL
 # On --resume the flags not given take the checkpoint's values. These may be given anew and are applied; any
 # other would change what the checkpoint's LoRA, optimizer state or data position mean, and is refused.
-RESUME_MAY_CHANGE = ["max_steps", "micro_batch_size", "lr", "beta", "save_every", "log_every", "num_workers",
-                     "cache_latents", "image_store", "report_to", "validation_prompts", "validation_every", "dist_timeout"]
+RESUME_MAY_CHANGE = ["max_steps", "micro_batch_size", "lr", "save_every", "log_every", "num_workers",
+                     "cache_latents", "image_store", "report_to", "validation_prompts", "validation_every",
+                     "dist_timeout"] + OBJECTIVE_MAY_CHANGE
 
 
 def preset(key):
@@ -85,12 +86,13 @@ def preset(key):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
     p.add_argument("--model", default="sdxl",
                    help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
-    p.add_argument("--encoder-depth", choices=["down", "mid"], help="perceptual encoder: down blocks, or through "
-                   "the mid block (default: mid for SD1.5-like, down for SDXL-like)")
+    p.add_argument("--encoder-depth", choices=["down", "mid"], help="perceptual encoder: the down blocks, or "
+                   "through the mid block (default: " + ", ".join(f"{k} {v}" for k, v in encoder.DEPTHS.items()) + ")")
     p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + preset("lora_rank"))
     # data
     p.add_argument("--data", default=data.PICKAPIC,
@@ -110,11 +112,12 @@ def parse_args(argv=None):
     p.add_argument("--image-store", metavar="DIR", help="copy the pairs' images once into flat files in DIR, "
                    "so that each item reads its own bytes rather than its parquet row group (for shards "
                    "with big row groups; costs the disk space of the images)")
-    # objective
+    # objective: the space the errors are measured in, and the loss's own flags
     p.add_argument("--space", choices=["ncp", "latent"], default="ncp",
                    help="ncp: errors in the U-Net encoder's space at t-1 (eq. 14); latent: Diffusion-DPO (eq. 8)")
     p.add_argument("--beta", type=float, default=2500.0,
                    help="DPO beta, 2500 = the official 0.5 x 5000 (default: %(default)s)")
+    # end of objective
     # optimization
     p.add_argument("--max-steps", type=int, help="optimizer steps " + preset("max_steps"))
     p.add_argument("--global-batch-size", type=int,
@@ -130,7 +133,8 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward " + preset("gradient_checkpointing"))
     # run
-    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/dpo-SPACE-MODEL, "
+    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/" + OBJECTIVE
+                   + "-SPACE-MODEL, "
                    "with -FILTER unless none)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the LoRA init, data order, t, noise and z, 0 to 2^32 - 1 (default: %(default)s)")
@@ -168,7 +172,7 @@ def fill_defaults(args, kind):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.encoder_depth = args.encoder_depth or ENCODER_DEPTH[kind]
+    args.encoder_depth = args.encoder_depth or encoder.DEPTHS[kind]
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.num_workers is None:  # workers beside the main process, without taking its cores
         args.num_workers = max(0, min(4, cores_per_rank() - 1))
@@ -287,40 +291,96 @@ def save_atomic(args, raw_unet, state):
         os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(args.output_dir, "checkpoint.pt"))
 
 
-def main(args):
-    # -------------------------------------------------------------------------
-    # Distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs one process.
+def setup_distributed(timeout_minutes):
+    """(ddp, rank, local rank, world size, device) of this process; joins the process group under torchrun."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)])
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
+    rank, local_rank, world_size = (int(os.environ.get(k, "0" if k != "WORLD_SIZE" else "1"))
+                                    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp:  # collectives wait --dist-timeout for a slow rank; slow work (downloads, the latent cache) waits apart
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
-    master = rank == 0
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return ddp, rank, local_rank, world_size, device
 
-    # -------------------------------------------------------------------------
-    # Check everything that can be checked, then fetch and load the data and the models. Local rank 0 goes first,
-    # so that each node downloads from the hub once; the others read its files. A user error is one line on every
-    # rank, and a run that fails here leaves nothing behind.
+
+def make_optimizer(args, params, device):
+    """AdamW (8-bit or not) on the LoRA, a linear warmup to a constant lr, and fp16's gradient scaler."""
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    return optimizer, lr_schedule, scaler
+
+
+def restore(ckpt, lora, optimizer, lr_schedule, scaler, lr):
+    """Load a checkpoint's LoRA, optimizer, schedule, scaler and RNG; the schedule then runs at this command's lr.
+    Returns (step, totals)."""
+    with torch.no_grad():
+        for name, p in lora.items():
+            p.copy_(ckpt["lora"][name])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_schedule.load_state_dict(ckpt["lr_schedule"])
+    lr_schedule.base_lrs = [lr]  # this command's lr, which may have changed on resume
+    optimizer.param_groups[0]["lr"] = lr * lr_schedule.lr_lambdas[0](lr_schedule.last_epoch)
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return ckpt["step"], ckpt["totals"]
+
+
+def reduce_window(window, steps, data_counts, ddp, world_size, device):
+    """The logged window's metrics, averaged over its steps and the ranks, and its data counts summed over the ranks:
+    ({name: float}, [skipped pairs, converted images])."""
+    names = sorted(window)
+    values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / steps
+    data_counts = data_counts.to(device)
+    if ddp:
+        dist.all_reduce(values)
+        values /= world_size
+        dist.all_reduce(data_counts)
+    return {k: v.item() for k, v in zip(names, values)}, [int(c) for c in data_counts]
+
+
+def ranks_agree(params, world_size, device):
+    """Whether every rank holds the same LoRA: each tensor's sum and sum of squares, gathered and compared."""
+    sums = torch.stack([s for p in params for s in (p.double().sum(), p.double().square().sum())]).to(device)
+    gathered = [torch.zeros_like(sums) for _ in range(world_size)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], x) for x in gathered)
+
+
+def load_run(args, ddp, local_rank, world_size, master, device):
+    """Check everything that can be checked, then fetch and load the data and the models. Local rank 0 goes first,
+    so that each node downloads from the hub once; the others read its files. A user error is one line on every
+    rank (the process exits), and a run that fails here leaves nothing behind.
+    Returns (args, checkpoint or None, pairs, counts, dataset, validation prompts, dtype, models)."""
     slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if ddp else None  # waits for downloads
     if ddp and local_rank != 0:
         dist.barrier(group=slow)
-    error, fresh = None, False
+    error, fresh, loaded = None, False, None
     try:
         _, kind = sample.resolve_model(args.model)
         args = fill_defaults(args, kind)
         fresh = not os.path.exists(args.output_dir)
         ckpt = check_run(args)
         check_batch(args, world_size, fit=ckpt is None)
-        source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data")) if args.data == "synthetic" else args.data
+        source = args.data
+        if source == "synthetic":
+            source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data"))
         pairs, counts = data.preference_pairs(source, args.split, args.filter)
-        dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed)
+        dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed,
+                                         winners_only=OBJECTIVE == "sft")
         validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
         sample.check_reporter(args.report_to)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-        models = sample.load_models(args.model, dtype, device)
+        loaded = (args, ckpt, pairs, counts, dataset, validation, dtype, sample.load_models(args.model, dtype, device))
     except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
         error = f"error: {e}"
     if ddp and local_rank == 0:
@@ -332,19 +392,56 @@ def main(args):
         if fresh and master:
             shutil.rmtree(args.output_dir, ignore_errors=True)
         sys.exit(error if master or (error and not failed[1]) else 1)  # one message: rank 0's if it has one
-    accum = args.global_batch_size // (args.micro_batch_size * world_size)
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # compute threads on the cores the workers leave free: on a
-        torch.set_num_threads(max(1, cores_per_rank() - args.num_workers))  # busy machine, spinning threads crawl
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_file = open(os.path.join(args.output_dir, "log.txt"), "a") if master else None
+    return loaded
+
+
+def logger(path):
+    """print0(*parts): on rank 0 (path given), a line to the console, above the progress bar, and to `path`."""
+    log_file = open(path, "a") if path else None
 
     def print0(*parts):
-        if master:
+        if log_file:
             line = " ".join(str(p) for p in parts)
             tqdm.write(line)
             log_file.write(line + "\n")
             log_file.flush()
 
+    return print0
+
+
+def write_record(record, path, report, bar, print0):
+    """Rank 0's outputs of one log line: metrics.jsonl, the reporter, the progress bar, the console and log.txt."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    report.scalars(record, record["step"])
+    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "accuracy") if k in record})
+    print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+
+def checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args):
+    """Everything a resume needs: LoRA, optimizer, schedule, scaler, step, data position, totals, args, RNG."""
+    return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "data_position": step * args.global_batch_size, "totals": totals, "args": run_args(args),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+
+
+def main(args):
+    # -------------------------------------------------------------------------
+    # Distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs one process.
+    ddp, rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
+    cuda, master = device.type == "cuda", rank == 0
+
+    # -------------------------------------------------------------------------
+    # Check, then load the data and the models (local rank 0 first: one download per node).
+    args, ckpt, pairs, counts, dataset, validation, dtype, models = load_run(args, ddp, local_rank, world_size,
+                                                                            master, device)
+    accum = args.global_batch_size // (args.micro_batch_size * world_size)
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # compute threads on the cores the workers leave free: on a
+        torch.set_num_threads(max(1, cores_per_rank() - args.num_workers))  # busy machine, spinning threads crawl
+    os.makedirs(args.output_dir, exist_ok=True)
+    print0 = logger(os.path.join(args.output_dir, "log.txt") if master else None)
     print0(f"data: {json.dumps(counts)}")
     if not (args.cache_latents or args.image_store) and (group := data.largest_row_group(pairs)) > 2**26:
         print0(f"data: each item reads a parquet row group of up to {group / 2**20:.0f} MB; "
@@ -369,49 +466,25 @@ def main(args):
 
     # -------------------------------------------------------------------------
     # Optimizer, schedule, resume.
-    if args.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(lora_params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    else:
-        optimizer = torch.optim.AdamW(lora_params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    optimizer, lr_schedule, scaler = make_optimizer(args, lora_params, device)
     step, totals = 0, {"skipped_pairs": 0, "converted_images": 0, "nonfinite_steps": 0}  # over the whole run
     if ckpt is not None:
-        with torch.no_grad():
-            for name, p in lora.items():
-                p.copy_(ckpt["lora"][name])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_schedule.load_state_dict(ckpt["lr_schedule"])
-        lr_schedule.base_lrs = [args.lr]  # this command's lr, which may have changed on resume
-        optimizer.param_groups[0]["lr"] = args.lr * lr_schedule.lr_lambdas[0](lr_schedule.last_epoch)
-        scaler.load_state_dict(ckpt["scaler"])
-        step, totals = ckpt["step"], ckpt["totals"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if cuda and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        step, totals = restore(ckpt, lora, optimizer, lr_schedule, scaler, args.lr)
         print0(f"resumed from {args.output_dir}/checkpoint.pt at step {step} (data position {ckpt['data_position']})")
-
-    def state():
-        return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
-                "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "data_position": step * args.global_batch_size, "totals": totals,
-                "args": run_args(args),
-                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}}
 
     def save():
         if master:
-            save_atomic(args, raw_unet, state())
+            save_atomic(args, raw_unet, checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args))
         if ddp:
             dist.barrier()
 
+    ranks = dict(rank=rank, world_size=world_size, barrier=dist.barrier if ddp else None, log=print0)
     if args.cache_latents:  # after this, the VAE never runs again
-        dataset = sample.cached_dataset(dataset, args.cache_latents, models.vae, rank, world_size,
-                                        dist.barrier if ddp else None, args.micro_batch_size, args.num_workers, print0)
+        dataset = data.cached_dataset(dataset, args.cache_latents, **ranks, batch_size=args.micro_batch_size,
+                                      num_workers=args.num_workers,
+                                      **sample.latent_encoder(models.vae, args.resolution, args.micro_batch_size))
     elif args.image_store:  # each item reads its pair's bytes, not its row group
-        dataset = sample.stored_dataset(dataset, args.image_store, rank, world_size,
-                                        dist.barrier if ddp else None, print0)
+        dataset = data.stored_dataset(dataset, args.image_store, **ranks)
 
     # -------------------------------------------------------------------------
     # Data: an endless loader of this rank's micro-batches, starting where the run left off.
@@ -424,33 +497,36 @@ def main(args):
     # -------------------------------------------------------------------------
     # Training loop.
     window, window_steps, window_start = {}, 0, time.time()  # metrics summed since the last log line
-    bad = torch.zeros(2, dtype=torch.float64)  # this rank's skipped pairs and converted images since the last log
-    stopping = 0  # the signal that stopped the run
+    data_counts = torch.zeros(2, dtype=torch.float64)  # this rank's skipped pairs and converted images, same window
+    stopping = 0  # the signal that stopped the run (0: none)
     if master and validation and ckpt is None:
         path, seconds = validate(models, validation, args, step, report, autocast)
         print0(f"validation grid {path}: {seconds:.1f} s")
         window_start += seconds  # not part of the step time
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc=f"ncp-{OBJECTIVE}", dynamic_ncols=True)
     while step < args.max_steps:
-        step_metrics, step_bad = {}, torch.zeros(2, dtype=torch.float64)  # this step's, kept once it completes
+        step_metrics, step_counts = {}, torch.zeros(2, dtype=torch.float64)  # this step's, kept once it completes
         for micro in range(accum):
             stopping = stop_signal(stop, ddp, device)  # every rank stops at the same micro-batch
             if stopping:
                 break
+            # A micro-batch of B pairs, s images each (2: the winner, then the loser; 1 for SFT): "pixels" (B, s, 3, R,
+            # R) in [-1, 1], or "latents" (B, s, 4, R/8, R/8) from the cache; "caption" (B strings); "original_sizes"
+            # and "crops_top_left" (B, s, 2), SDXL's micro-conditioning; "skipped", "converted" (B,) data counts.
             batch = next(loader)
             g = torch.Generator(device).manual_seed(step_seed(args.seed, step, micro * world_size + rank))
-            n = len(batch["caption"])  # B pairs; winners and losers are stacked to 2B below
-            x0 = sample.batch_latents(models.vae, batch, generator=g)  # (2B, 4, h, w): B winners, then B losers
-            cond = sample.encode_prompt(models, batch["caption"], batch["original_sizes"].transpose(0, 1).flatten(0, 1),
-                                        batch["crops_top_left"].transpose(0, 1).flatten(0, 1), [args.resolution] * 2,
-                                        repeat=2)  # one text encoding per pair, for winner and loser
-            # One t, eps and z per pair, shared by winner and loser (removes noise from the comparison).
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g, device=device).repeat(2)
-            noise = torch.randn(x0[:n].shape, generator=g, device=device).repeat(2, 1, 1, 1)
-            z = torch.randn(x0[:n].shape, generator=g, device=device).repeat(2, 1, 1, 1)
+            n = len(batch["caption"])  # B pairs
+            x0, cond = sample.model_inputs(models, batch, args.resolution, generator=g)  # (sB, 4, h, w): s = 2, or 1
+            sides = len(x0) // n  # 2: B winners then B losers; 1: winners only (SFT)
+            # One t, noise and z (the reverse step's noise, eq. 12) per pair, shared by its images: the comparison
+            # of winner and loser then carries no noise of its own.
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g, device=device).repeat(sides)
+            noise = torch.randn(x0[:n].shape, generator=g, device=device).repeat(sides, 1, 1, 1)
+            z = torch.randn(x0[:n].shape, generator=g, device=device).repeat(sides, 1, 1, 1)
             x_t = scheduler.add_noise(x0, noise, t)
             sync = micro == accum - 1 or not ddp
             with autocast, (nullcontext() if sync else unet.no_sync()):
+                # objective: the policy's (and reference's) errors, and the loss
                 pred = unet(x_t, t, **cond).sample  # the policy, through DDP
                 with torch.no_grad(), encoder.base_weights(raw_unet):
                     ref_pred = raw_unet(x_t, t, **cond).sample  # the reference: the same U-Net, adapters off
@@ -462,10 +538,11 @@ def main(args):
                 e_w, e_l = err.chunk(2)
                 ref_e_w, ref_e_l = ref_err.chunk(2)
                 loss, metrics = dpo_loss(e_w, e_l, ref_e_w, ref_e_l, args.beta)
+                # end of objective
                 scaler.scale(loss / accum).backward()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
-            step_bad += torch.tensor([batch["skipped"].sum(), batch["converted"].sum()], dtype=torch.float64)
+            step_counts += torch.tensor([batch["skipped"].sum(), batch["converted"].sum()], dtype=torch.float64)
         if stopping:  # drop the partial accumulation: the LoRA and optimizer state of the last step are intact
             optimizer.zero_grad(set_to_none=True)
             print0(f"{signal.Signals(stopping).name}: stopping at step {step}, {micro} of {accum} micro-batches "
@@ -475,32 +552,22 @@ def main(args):
             for k, v in step_metrics.items():
                 window[k] = window.get(k, 0.0) + v
             window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
-            bad += step_bad
+            data_counts += step_counts
             window_steps += 1
             bar.update(1)
 
         save_now = step % args.save_every == 0 or step == args.max_steps or stopping
         if window_steps and (step % args.log_every == 0 or save_now):  # a checkpoint's totals are the logged ones
-            names = sorted(window)
-            values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / window_steps
-            bad = bad.to(device)
-            if ddp:
-                dist.all_reduce(values)
-                values /= world_size
-                dist.all_reduce(bad)
-            totals["skipped_pairs"] += int(bad[0])
-            totals["converted_images"] += int(bad[1])
+            means, (skipped, converted) = reduce_window(window, window_steps, data_counts, ddp, world_size, device)
+            totals["skipped_pairs"] += skipped
+            totals["converted_images"] += converted
             elapsed = (time.time() - window_start) / window_steps
-            record = {"step": step, **{k: v.item() for k, v in zip(names, values)}, "lr": lr,
-                      "step_time": elapsed, "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(cuda),
-                      **totals}
+            record = {"step": step, **means, "lr": lr, "step_time": elapsed,
+                      "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(cuda), **totals}
             if master:
-                with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                report.scalars(record, step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-            print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            window, window_steps, window_start, bad = {}, 0, time.time(), torch.zeros(2, dtype=torch.float64)
+                write_record(record, os.path.join(args.output_dir, "metrics.jsonl"), report, bar, print0)
+            window, window_steps, window_start = {}, 0, time.time()
+            data_counts = torch.zeros(2, dtype=torch.float64)
         if save_now:
             save()
         if master and validation and not stopping and step % args.validation_every == 0:
@@ -516,11 +583,8 @@ def main(args):
     bar.close()
     if ckpt is not None and step == ckpt["step"]:
         save()  # nothing left to train: still leave the LoRA in place
-    if ddp:  # a cheap proof that the ranks stayed in step: every LoRA tensor's sum and sum of squares agree
-        sums = torch.stack([s for p in lora_params for s in (p.double().sum(), p.double().square().sum())]).to(device)
-        gathered = [torch.zeros_like(sums) for _ in range(world_size)]
-        dist.all_gather(gathered, sums)
-        print0(f"LoRA weights identical on all {world_size} ranks: {all(torch.equal(gathered[0], x) for x in gathered)}")
+    if ddp:  # a cheap proof that the ranks stayed in step
+        print0(f"LoRA weights identical on all {world_size} ranks: {ranks_agree(lora_params, world_size, device)}")
     print0(f"done: step {step}, LoRA in {args.output_dir}/{sample.LORA_FILE}")
     report.close()
     if ddp:

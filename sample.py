@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +111,8 @@ def load_models(model, dtype=torch.float32, device="cpu"):
             if kind == "sdxl":
                 encoders.append(sub(CLIPTextModelWithProjection, "text_encoder_2"))
                 tokenizers.append(sub(CLIPTokenizer, "tokenizer_2"))
-            vae = AutoencoderKL.from_pretrained(SDXL_VAE, torch_dtype=dtype) if source == SDXL else sub(AutoencoderKL, "vae")
+            vae = (AutoencoderKL.from_pretrained(SDXL_VAE, torch_dtype=dtype) if source == SDXL
+                   else sub(AutoencoderKL, "vae"))
             unet = sub(UNet2DConditionModel, "unet")
             scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", clip_sample=False,
                                                       prediction_type="epsilon")
@@ -154,7 +154,8 @@ def build_tiny(kind="sd15", seed=0):
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=16)
     if kind == "sdxl":
-        encoders = [CLIPTextModel(CLIPTextConfig(**text)), CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32))]
+        encoders = [CLIPTextModel(CLIPTextConfig(**text)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32))]
         unet.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
                     projection_class_embeddings_input_dim=32 + 6 * 8, use_linear_projection=True)
     else:
@@ -251,75 +252,35 @@ def batch_latents(vae, batch, generator=None):
     return encode_images(vae, batch["pixels"].transpose(0, 1).flatten(0, 1), generator)
 
 
-def cached_dataset(dataset, root, vae, rank=0, world_size=1, barrier=None, batch_size=8, num_workers=2, log=print):
-    """Fill the latent cache under `root` for this PreferenceDataset's pairs, where needed; return a CachedDataset.
+def model_inputs(models, batch, resolution, generator=None):
+    """A micro-batch -> (x0, cond): x0 (s * B, C, h, w) the latents of its s images per pair (s = 2: the B winners,
+    then the B losers; s = 1: the winners alone), cond the U-Net's keyword arguments for them, one text encoding
+    per pair (see encode_prompt)."""
+    sides = batch["latents" if "latents" in batch else "pixels"].shape[1]
+    x0 = batch_latents(models.vae, batch, generator=generator)
+    cond = encode_prompt(models, batch["caption"], batch["original_sizes"].transpose(0, 1).flatten(0, 1),
+                         batch["crops_top_left"].transpose(0, 1).flatten(0, 1), [resolution] * 2, repeat=sides)
+    return x0, cond
 
-    The VAE runs once per image over all ranks and runs: a later run, of any objective or space, with the same
-    VAE (weights and dtype), data, filter and resolution reads the cache and never runs the VAE."""
+
+def latent_encoder(vae, resolution, batch_size=8):
+    """What data.cached_dataset needs of a VAE, as its keyword arguments: encode(pixels (N, 3, R, R), seeds) ->
+    latents (N, C, h, w), one posterior sample per image drawn with its seed; the encoder's key (a hash of the
+    weights, the dtype and the scaling factor: another VAE gets another cache); the latent shape at `resolution`."""
     import hashlib
 
-    import data
-
-    barrier = barrier or (lambda: None)
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    cache = data.LatentCache(root, dataset.pairs, dataset.resolution,
-                             {"vae": digest.hexdigest(), "dtype": str(vae.dtype), "scaling_factor": vae.config.scaling_factor},
-                             (vae.config.latent_channels, dataset.resolution // factor, dataset.resolution // factor))
-    if rank == 0:
-        cache.create()
-    barrier()
-    sides = [0] if dataset.winners_only else [0, 1]
-    todo = cache.missing(sides)
-    barrier()  # every rank has the same list before any rank writes
-    log(f"latent cache {cache.dir}: {cache.n - len(todo)} of {cache.n} pairs cached, {len(todo)} to encode")
-    if len(todo):
-        source = data.PreferenceDataset(dataset.pairs, dataset.resolution, train=False, winners_only=dataset.winners_only)
-        encode = lambda pixels, seeds: encode_images(  # noqa: E731
-            vae, pixels, [torch.Generator(vae.device).manual_seed(s) for s in seeds], chunk=batch_size)
-        counts = cache.fill(source, encode, todo, rank, world_size, batch_size, num_workers, progress=rank == 0)
-        log(f"latent cache: this rank encoded {counts['encoded']} images, skipped {counts['skipped']} undecodable "
-            f"pairs, converted {counts['converted']} images to RGB")
-        wait_for_ranks(lambda: len(cache.missing(sides)), "latent cache", "pairs still to encode", log)
-    return data.CachedDataset(cache, dataset.pairs, dataset.winners_only)
 
+    def encode(pixels, seeds):
+        return encode_images(vae, pixels, [torch.Generator(vae.device).manual_seed(s) for s in seeds], chunk=batch_size)
 
-def stored_dataset(dataset, root, rank=0, world_size=1, barrier=None, log=print):
-    """Copy the pairs' images into an ImageStore under `root` where needed; return the dataset reading from it.
-
-    Every later run on the same pairs (data, split, filter) reads the store; each item then reads its pair's bytes
-    only, whatever the row-group size of the parquet shards."""
-    import data
-
-    barrier = barrier or (lambda: None)
-    store = data.ImageStore(root, dataset.pairs, sides=1 if dataset.winners_only else 2)
-    if rank == 0:
-        store.create()
-    barrier()
-    todo = store.missing()
-    barrier()  # every rank has the same list before any rank writes
-    log(f"image store {store.dir}: {store.shards - len(todo)} of {store.shards} shards copied, {len(todo)} to copy")
-    if len(todo):
-        source = data.PreferenceDataset(dataset.pairs, dataset.resolution, train=False, winners_only=dataset.winners_only)
-        written = store.build(source, todo, rank, world_size, progress=rank == 0)
-        log(f"image store: this rank copied {written / 2**30:.2f} GiB")
-        wait_for_ranks(lambda: len(store.missing()), "image store", "shards still to copy", log)
-    return data.PreferenceDataset(dataset.pairs, dataset.resolution, dataset.train, dataset.seed,
-                                  dataset.winners_only, dataset.max_tries, store=store)
-
-
-def wait_for_ranks(left, name, what, log, every=60):
-    """Wait until left() is 0 by watching the disk, not at a barrier: one rank's share of a fill can take hours
-    longer than another's, and a collective would time out. Says where it is every `every` seconds."""
-    last = time.time()
-    while n := left():
-        if time.time() - last > every:
-            log(f"{name}: waiting for the other ranks, {n} {what}")
-            last = time.time()
-        time.sleep(1)
+    return {"encode": encode, "latent_shape": (vae.config.latent_channels, resolution // factor, resolution // factor),
+            "encoder_key": {"vae": digest.hexdigest(), "dtype": str(vae.dtype),
+                            "scaling_factor": vae.config.scaling_factor}}
 
 
 @torch.no_grad()
@@ -587,7 +548,8 @@ def main(args):
         prompts = read_prompts(args.prompts, args.data)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    settings = {**DEFAULTS[kind], **{k: v for k, v in (("guidance_scale", args.guidance_scale), ("steps", args.steps)) if v}}
+    given = (("guidance_scale", args.guidance_scale), ("steps", args.steps))
+    settings = {**DEFAULTS[kind], **{k: v for k, v in given if v}}
     precision = args.precision or ("fp16" if cuda else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
@@ -623,7 +585,8 @@ def main(args):
         dist.barrier()
     if rank == 0:
         index = [{"index": i, "prompt": p, "seed": prompt_seed(args.seed, i),
-                  "files": [image_name(i, j) for j in range(args.num_images_per_prompt)]} for i, p in enumerate(prompts)]
+                  "files": [image_name(i, j) for j in range(args.num_images_per_prompt)]}
+                 for i, p in enumerate(prompts)]
         meta = {"model": args.model, "lora": args.lora, "lora_scale": args.lora_scale, "prompts": args.prompts,
                 "resolution": args.resolution, **settings, "images": index}
         with open(os.path.join(args.out, "index.json.tmp"), "w") as f:

@@ -37,6 +37,12 @@ def counting(vae, monkeypatch):
     return calls
 
 
+def fill_cache(ds, root, vae, batch_size=8, **kw):
+    """data.cached_dataset with the VAE's encoder, as the training scripts call it."""
+    return data.cached_dataset(ds, root, batch_size=batch_size, **sample.latent_encoder(vae, ds.resolution, batch_size),
+                               **kw)
+
+
 def dataset(source, resolution=32, winners_only=False):
     pairs, _ = data.preference_pairs(source, "train")
     return data.PreferenceDataset(pairs, resolution, train=True, seed=3, winners_only=winners_only)
@@ -47,7 +53,7 @@ def test_cached_latents_are_the_vaes_and_are_encoded_once(tmp_path, models, monk
     source = data.write_synthetic(str(tmp_path / "syn"), n=12)
     ds = dataset(source)
     calls = counting(vae, monkeypatch)
-    cached = sample.cached_dataset(ds, str(tmp_path / "cache"), vae, batch_size=4, num_workers=0, log=lambda *a: None)
+    cached = fill_cache(ds, str(tmp_path / "cache"), vae, batch_size=4, num_workers=0, log=lambda *a: None)
     assert sum(calls) == 2 * len(ds)  # every winner and loser once
     centre = data.PreferenceDataset(ds.pairs, 32, train=False)  # the cache's crop: centred, no flip
     for i in range(len(ds)):
@@ -60,7 +66,7 @@ def test_cached_latents_are_the_vaes_and_are_encoded_once(tmp_path, models, monk
         assert torch.equal(item["original_sizes"], want["original_sizes"].int())
         assert torch.equal(item["crops_top_left"], want["crops_top_left"].int())
     calls.clear()
-    again = sample.cached_dataset(dataset(source), str(tmp_path / "cache"), vae, num_workers=0, log=lambda *a: None)
+    again = fill_cache(dataset(source), str(tmp_path / "cache"), vae, num_workers=0, log=lambda *a: None)
     assert calls == [] and again.cache.dir == cached.cache.dir
     batch = next(iter(data.make_loader(again, 3, num_workers=0)))
     x0 = sample.batch_latents(vae, batch)  # winners, then losers, as the training scripts stack pixels
@@ -71,19 +77,19 @@ def test_a_change_of_vae_resolution_or_data_makes_a_new_cache(tmp_path, models):
     vae, root = models.vae, str(tmp_path / "cache")
     source = write_pairs(tmp_path / "a", [RED, BLUE, RED])
     quiet = dict(num_workers=0, log=lambda *a: None)
-    first = sample.cached_dataset(dataset(source), root, vae, **quiet).cache.dir
-    assert sample.cached_dataset(dataset(source), root, vae, **quiet).cache.dir == first
-    assert sample.cached_dataset(dataset(source, resolution=16), root, vae, **quiet).cache.dir != first
+    first = fill_cache(dataset(source), root, vae, **quiet).cache.dir
+    assert fill_cache(dataset(source), root, vae, **quiet).cache.dir == first
+    assert fill_cache(dataset(source, resolution=16), root, vae, **quiet).cache.dir != first
     weight = next(vae.parameters())
     kept = weight.detach().clone()
     with torch.no_grad():
         weight.add_(1e-3)
-    assert sample.cached_dataset(dataset(source), root, vae, **quiet).cache.dir != first
+    assert fill_cache(dataset(source), root, vae, **quiet).cache.dir != first
     with torch.no_grad():
         weight.copy_(kept)
-    assert sample.cached_dataset(dataset(source), root, vae, **quiet).cache.dir == first  # the weights, not the object
+    assert fill_cache(dataset(source), root, vae, **quiet).cache.dir == first  # the weights, not the object
     write_pairs(tmp_path / "a", [RED, BLUE, RED], loser=BLUE)  # same captions and uids, other pixels
-    assert sample.cached_dataset(dataset(source), root, vae, **quiet).cache.dir != first
+    assert fill_cache(dataset(source), root, vae, **quiet).cache.dir != first
     assert len(os.listdir(root)) == 4
 
 
@@ -131,7 +137,7 @@ def test_fill_shares_the_work_between_ranks(tmp_path, models):
 
 def test_undecodable_pairs_are_marked_and_skipped(tmp_path, models):
     source = write_pairs(tmp_path / "a", [RED, b"not an image", BLUE, RED[:40]])
-    cached = sample.cached_dataset(dataset(source), str(tmp_path / "cache"), models.vae, num_workers=0, log=lambda *a: None)
+    cached = fill_cache(dataset(source), str(tmp_path / "cache"), models.vae, num_workers=0, log=lambda *a: None)
     state = np.load(os.path.join(cached.cache.dir, "state.npy"))
     assert state.tolist() == [[1, 1], [-1, -1], [1, 1], [-1, -1]]
     assert cached[1]["caption"] == "c2" and cached[1]["skipped"] == 1

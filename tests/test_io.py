@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import data
-import sample
 from helpers import lora, train
 
 
@@ -53,7 +52,7 @@ def test_image_store_gives_the_parquet_items_and_reads_only_the_pairs_bytes(tmp_
     pairs, _ = data.preference_pairs(write_shards(tmp_path / "d"), "train")
     for winners_only in (False, True):
         direct = data.PreferenceDataset(pairs, 32, train=True, seed=3, winners_only=winners_only)
-        stored = sample.stored_dataset(direct, str(tmp_path / "store"), log=quiet)
+        stored = data.stored_dataset(direct, str(tmp_path / "store"), log=quiet)
         assert stored.store is not None and stored.store.sides == (1 if winners_only else 2)
         for i in range(len(direct)):
             a, b = direct[(i, 7 * i)], stored[(i, 7 * i)]
@@ -67,7 +66,7 @@ def test_image_store_gives_the_parquet_items_and_reads_only_the_pairs_bytes(tmp_
     assert abs(n - sum(pair)) <= 4 and sum(map(len, got)) == sum(pair)
     both = data.PreferenceDataset(pairs, 32)
     _, parquet = bytes_read(lambda: both._read_images(13))
-    store = sample.stored_dataset(both, str(tmp_path / "store"), log=quiet).store
+    store = data.stored_dataset(both, str(tmp_path / "store"), log=quiet).store
     store.read(13, 2)
     got, n = bytes_read(lambda: store.read(13, 2))
     assert abs(n - sum(map(len, got))) <= 4 and 2.5 * n < parquet  # parquet read the row group's three rows
