@@ -340,6 +340,11 @@ def load_lora(unet, lora_dir, adapter_name="default"):
 # Sampling: prompts -> paired image folders
 
 DEFAULTS = {"sd15": dict(guidance_scale=7.5, steps=50), "sdxl": dict(guidance_scale=5.0, steps=50)}
+# Published evaluation protocols. guidance None: the model's default above. The NCP paper gives neither sampler nor
+# steps nor guidance, only one image per prompt and the same seeds for both models (NCP.md section 6); its entry is
+# this repository's default. SPO's (and LPO's) table: DDIM, 20 steps, guidance 5.0, 4 images per prompt.
+PROTOCOLS = {"ncp": dict(scheduler="euler", steps=50, guidance_scale=None, images_per_prompt=1),
+             "spo": dict(scheduler="ddim", steps=20, guidance_scale=5.0, images_per_prompt=4)}
 
 
 # Named prompt sets: fetched once into the cache, and checked, so that everyone evaluates on the same prompts.
@@ -421,6 +426,12 @@ def prompt_seed(seed, index):
     return seed * 100_003 + index
 
 
+def image_seed(seed, index, j):
+    """The seed of image j of prompt `index`: each image has a generator of its own, so an image is the same
+    whatever the batch it was drawn in."""
+    return prompt_seed(seed, index) * 1_000 + j
+
+
 def make_grid(images, columns=4):
     """PIL images (or paths to them) side by side, `columns` a row, all at the first one's size."""
     from PIL import Image
@@ -434,12 +445,13 @@ def make_grid(images, columns=4):
     return grid
 
 
-def sampling_pipeline(models):
-    """make_pipeline with the Euler sampler built from the model's scheduler config, and no progress bar."""
-    from diffusers import EulerDiscreteScheduler
+def sampling_pipeline(models, scheduler="euler"):
+    """make_pipeline with the Euler (or DDIM) sampler built from the model's scheduler config, no progress bar."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     pipe = make_pipeline(models)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(models.scheduler.config)
+    pipe.scheduler = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[scheduler].from_config(
+        models.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -452,7 +464,7 @@ def validation_grid(models, prompts, resolution, seed=0, steps=20):
     device = models.unet.device
     images = [pipe(prompt, num_inference_steps=steps, guidance_scale=DEFAULTS[models.kind]["guidance_scale"],
                    height=resolution, width=resolution,
-                   generator=torch.Generator(device).manual_seed(prompt_seed(seed, i))).images[0]
+                   generator=torch.Generator(device).manual_seed(image_seed(seed, i, 0))).images[0]
               for i, prompt in enumerate(prompts)]
     return make_grid(images)
 
@@ -521,10 +533,18 @@ def parse_args(argv=None):
     p.add_argument("--data", default=data.PICKAPIC, help="where --prompts SPLIT is read from (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder: images, index.json and grid.png")
     p.add_argument("--resolution", type=int, help="image size (default: the model's, 512 / 1024)")
-    p.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 7.5 SD1.5, 5.0 SDXL)")
-    p.add_argument("--steps", type=int, help="sampling steps (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses a seed derived from it and i")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="ncp", help="a published sampling protocol: "
+                   + "; ".join(f"{k}: {v['scheduler']}, {v['steps']} steps, guidance {v['guidance_scale'] or 'default'}"
+                               f", {v['images_per_prompt']} per prompt" for k, v in PROTOCOLS.items())
+                   + " (default: %(default)s); the flags below override it")
+    p.add_argument("--num-images-per-prompt", type=int, help="images per prompt (default: the protocol's)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the protocol's, else 7.5 "
+                   "SD1.5, 5.0 SDXL)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the protocol's)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call; the images do not depend on "
+                   "it (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; image j of prompt i has a seed derived from it, "
+                   "i and j")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default fp16 on GPU, fp32 on CPU")
     return p.parse_args(argv)
 
@@ -548,8 +568,15 @@ def main(args):
         prompts = read_prompts(args.prompts, args.data)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    given = (("guidance_scale", args.guidance_scale), ("steps", args.steps))
-    settings = {**DEFAULTS[kind], **{k: v for k, v in given if v}}
+    protocol = {**PROTOCOLS[args.protocol], "name": args.protocol}
+    protocol["guidance_scale"] = protocol["guidance_scale"] or DEFAULTS[kind]["guidance_scale"]
+    for key, value in (("guidance_scale", args.guidance_scale), ("steps", args.steps),
+                       ("images_per_prompt", args.num_images_per_prompt)):
+        if value is not None and value != protocol[key]:
+            protocol[key], protocol["name"] = value, f"{args.protocol}, changed"
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch-size {args.batch_size} must be positive")
+    k = protocol["images_per_prompt"]
     precision = args.precision or ("fp16" if cuda else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
@@ -565,36 +592,38 @@ def main(args):
     # it wants the VAE in the pipeline's dtype to begin with.
     if models.vae.dtype != dtype:
         models.vae.to(dtype)
-    pipe = sampling_pipeline(models)
+    pipe = sampling_pipeline(models, protocol["scheduler"])
     os.makedirs(args.out, exist_ok=True)
-    mine = range(rank, len(prompts), world_size)  # prompts sharded over ranks
-    for index in tqdm(mine, disable=rank != 0, desc="sampling"):
-        names = [image_name(index, j) for j in range(args.num_images_per_prompt)]
-        if all(os.path.exists(os.path.join(args.out, n)) for n in names):
-            continue  # resumable: finished prompts are skipped
-        size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
-        images = pipe(prompts[index], num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
-                      num_images_per_prompt=args.num_images_per_prompt, **size,
-                      generator=torch.Generator(device).manual_seed(prompt_seed(args.seed, index)),
+    done = lambda i: all(os.path.exists(os.path.join(args.out, image_name(i, j))) for j in range(k))  # noqa: E731
+    mine = [i for i in range(rank, len(prompts), world_size) if not done(i)]  # sharded over ranks; resumable
+    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    bar = tqdm(total=len(mine) * k, disable=rank != 0, desc="sampling", unit="image")
+    for start in range(0, len(mine), args.batch_size):
+        chunk = mine[start:start + args.batch_size]
+        images = pipe([prompts[i] for i in chunk], num_inference_steps=protocol["steps"],
+                      guidance_scale=protocol["guidance_scale"], num_images_per_prompt=k, **size,
+                      generator=[torch.Generator(device).manual_seed(image_seed(args.seed, i, j))
+                                 for i in chunk for j in range(k)],  # the pipeline's order: prompt-major
                       cross_attention_kwargs={"scale": args.lora_scale} if args.lora else None).images
-        for name, image in zip(names, images):
-            tmp = os.path.join(args.out, f".{name}.tmp")
+        for (i, j), image in zip([(i, j) for i in chunk for j in range(k)], images):
+            tmp = os.path.join(args.out, f".{image_name(i, j)}.tmp")
             image.save(tmp, format="PNG")
-            os.replace(tmp, os.path.join(args.out, name))  # a file that exists is complete
+            os.replace(tmp, os.path.join(args.out, image_name(i, j)))  # a file that exists is complete
+        bar.update(len(chunk) * k)
+    bar.close()
     if world_size > 1:
         dist.barrier()
     if rank == 0:
-        index = [{"index": i, "prompt": p, "seed": prompt_seed(args.seed, i),
-                  "files": [image_name(i, j) for j in range(args.num_images_per_prompt)]}
-                 for i, p in enumerate(prompts)]
+        index = [{"index": i, "prompt": p, "seeds": [image_seed(args.seed, i, j) for j in range(k)],
+                  "files": [image_name(i, j) for j in range(k)]} for i, p in enumerate(prompts)]
         meta = {"model": args.model, "lora": args.lora, "lora_scale": args.lora_scale, "prompts": args.prompts,
-                "resolution": args.resolution, **settings, "images": index}
+                "resolution": args.resolution, "protocol": protocol, "images": index}
         with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
         first = [os.path.join(args.out, n) for item in index[:16] for n in item["files"][:1]]
         make_grid(first).save(os.path.join(args.out, "grid.png"))
-        print(f"{len(prompts)} prompts x {args.num_images_per_prompt} images in {args.out} (index.json, grid.png)")
+        print(f"{len(prompts)} prompts x {k} images in {args.out} (index.json, grid.png), protocol {protocol}")
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -100,3 +100,13 @@ def test_loader_speed_measures_bytes_read_per_item(tmp_path):
     assert large["parquet_read"]["mb_read_per_item"] > 5 * small["parquet_read"]["mb_read_per_item"]
     need = report["needed"]
     assert need["sdxl_1024px"]["tflop_per_pair"] > need["sd15_512px"]["tflop_per_pair"] > 0
+
+
+def test_sample_speed_times_each_batch_size(tmp_path):
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sample_speed.py"), "--model", "tiny", "--batch-sizes",
+           "1", "2", "--prompts", "2", "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"1", "2"} and all(r["images_per_s"] > 0 and r["seconds"] > 0 for r in results.values())

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -41,7 +42,7 @@ def test_paired_deterministic_images_lora_changes_them_and_resume_skips(tmp_path
     run_sample(tmp_path, tmp_path / "b", "--num-images-per-prompt", "2")
     run_sample(tmp_path, tmp_path / "lora_out", "--num-images-per-prompt", "2", "--lora", lora_dir)
     index = json.load(open(tmp_path / "a" / "index.json"))
-    assert [i["prompt"] for i in index["images"]] == prompts and index["guidance_scale"] == 7.5
+    assert [i["prompt"] for i in index["images"]] == prompts and index["protocol"]["guidance_scale"] == 7.5
     names = [n for item in index["images"] for n in item["files"]]
     assert names == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png", "00002_0.png", "00002_1.png"]
     assert os.path.isfile(tmp_path / "a" / "grid.png")
@@ -156,19 +157,25 @@ def scorer_dir(tmp_path_factory):
     return str(out)
 
 
-def make_folder(folder, prompts, images):
+def make_folder(folder, prompts, images, per_prompt=1, protocol=None):
+    """A sample.py-layout folder: images[per_prompt * i + j] is image j of prompt i."""
     os.makedirs(folder, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(os.path.join(folder, sample.image_name(i, 0)))
-    items = [{"index": i, "prompt": p, "seed": i, "files": [sample.image_name(i, 0)]} for i, p in enumerate(prompts)]
+    for n, image in enumerate(images):
+        image.save(os.path.join(folder, sample.image_name(n // per_prompt, n % per_prompt)))
+    items = [{"index": i, "prompt": p, "files": [sample.image_name(i, j) for j in range(per_prompt)]}
+             for i, p in enumerate(prompts)]
     with open(os.path.join(folder, "index.json"), "w") as f:
-        json.dump({"images": items}, f)
+        json.dump({"images": items, "protocol": protocol or sample.PROTOCOLS["ncp"]}, f)
 
 
-def evaluate_main(a, b, scorer, out):
-    evaluate.main(evaluate.parse_args([str(a), str(b), "--pickscore-model", scorer, "--pickscore-processor", scorer,
-                                       "--out", str(out)]))
+def evaluate_main(*folders, scorer, out, extra=()):
+    evaluate.main(evaluate.parse_args([*map(str, folders), "--pickscore-model", scorer, "--pickscore-processor",
+                                       scorer, "--out", str(out), *extra]))
     return json.load(open(out))
+
+
+def pickscore(report, a, b):
+    return report["scorers"]["pickscore"]["winrates"][str(a)][str(b)]
 
 
 def test_winrate_against_itself_is_half_and_a_better_folder_wins(tmp_path, scorer_dir):
@@ -178,18 +185,64 @@ def test_winrate_against_itself_is_half_and_a_better_folder_wins(tmp_path, score
                   for _ in prompts]
     scorer = evaluate.PickScore(scorer_dir, scorer_dir)
     make_folder(tmp_path / "first", prompts, [c[0] for c in candidates])
-    report = evaluate_main(tmp_path / "first", tmp_path / "first", scorer_dir, tmp_path / "self.json")
-    assert report["pickscore_winrate"] == 0.5 and report["pairs"] == 10
-    lo, hi = report["pickscore_winrate_ci95"]
-    assert lo < 0.5 < hi
+    make_folder(tmp_path / "copy", prompts, [c[0] for c in candidates])
+    report = evaluate_main(tmp_path / "first", tmp_path / "copy", scorer=scorer_dir, out=tmp_path / "self.json")
+    w = pickscore(report, tmp_path / "first", tmp_path / "copy")
+    assert w["winrate"] == 0.5 and w["ci95"] == [0.5, 0.5] and report["prompts"] == 10  # every pair a tie
     # Put the higher-scoring candidate of each prompt in "better", the other in "worse".
     s = torch.stack([scorer([c[0], c[1]], [p, p]) for c, p in zip(candidates, prompts)])
     assert (s[:, 0] != s[:, 1]).all()
     make_folder(tmp_path / "better", prompts, [c[int(s[i, 1] > s[i, 0])] for i, c in enumerate(candidates)])
     make_folder(tmp_path / "worse", prompts, [c[int(s[i, 1] <= s[i, 0])] for i, c in enumerate(candidates)])
-    report = evaluate_main(tmp_path / "better", tmp_path / "worse", scorer_dir, tmp_path / "r.json")
-    assert report["pickscore_winrate"] == 1.0 and report["pickscore_mean_a"] > report["pickscore_mean_b"]
-    assert evaluate.winrate(torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0, 1.0]))["winrate"] == 0.625
+    report = evaluate_main(tmp_path / "better", tmp_path / "worse", tmp_path / "first", scorer=scorer_dir,
+                           out=tmp_path / "r.json", extra=["--markdown", str(tmp_path / "r.md")])
+    means = report["scorers"]["pickscore"]["means"]
+    assert pickscore(report, tmp_path / "better", tmp_path / "worse")["winrate"] == 1.0
+    assert pickscore(report, tmp_path / "worse", tmp_path / "better")["winrate"] == 0.0
+    assert means[str(tmp_path / "better")]["mean"] > means[str(tmp_path / "worse")]["mean"]
+    w = pickscore(report, tmp_path / "better", tmp_path / "first")  # the matrix: every folder against every other
+    assert 0.5 <= w["winrate"] <= 1.0 and w["ci95"][0] <= w["winrate"] <= w["ci95"][1]
+    table = (tmp_path / "r.md").read_text()
+    assert "| vs better | vs worse | vs first |" in table and "100.0%" in table and table.count("\n|") == 5
+
+
+def test_win_rate_is_counted_per_prompt():
+    # Prompt p0 has 2 images: A wins one, ties the other (0.75); p1 has 2: A loses both (0); p2 one win (1).
+    a, b = torch.tensor([2.0, 1.0, 0.0, 0.0, 5.0]), torch.tensor([1.0, 1.0, 1.0, 3.0, 4.0])
+    w = evaluate.winrate(a, b, ["p0", "p0", "p1", "p1", "p2"])
+    assert w["winrate"] == pytest.approx((0.75 + 0 + 1) / 3) and w["prompts"] == 3 and w["images"] == 5
+    assert evaluate.winrate(a, b, ["p0", "p1", "p2", "p3", "p4"])["winrate"] == pytest.approx(2.5 / 5)  # per image
+    lo, hi = w["ci95"]
+    assert 0 <= lo < w["winrate"] < hi <= 1
+
+
+def test_folders_of_other_protocols_are_refused(tmp_path, scorer_dir):
+    image = Image.new("RGB", (32, 32))
+    make_folder(tmp_path / "a", ["x", "y"], [image] * 2)
+    make_folder(tmp_path / "b", ["x", "y"], [image] * 8, per_prompt=4, protocol=sample.PROTOCOLS["spo"])
+    with pytest.raises(SystemExit, match="different protocols"):
+        evaluate_main(tmp_path / "a", tmp_path / "b", scorer=scorer_dir, out=tmp_path / "r.json")
+    make_folder(tmp_path / "c", ["x", "y"], [image] * 2, protocol={**sample.PROTOCOLS["ncp"], "steps": 20})
+    with pytest.raises(SystemExit, match="different protocols"):
+        evaluate_main(tmp_path / "a", tmp_path / "c", scorer=scorer_dir, out=tmp_path / "r.json")
+    report = evaluate_main(tmp_path / "a", tmp_path / "c", scorer=scorer_dir, out=tmp_path / "r.json",
+                           extra=["--allow-protocol-mismatch"])
+    assert pickscore(report, tmp_path / "a", tmp_path / "c")["winrate"] == 0.5
+
+
+def test_batched_sampling_gives_the_same_images(tmp_path, prompts):
+    (tmp_path / "five.txt").write_text("a red circle\na blue square\na green circle\na yellow square\na red one\n")
+    for batch in ("1", "3"):
+        sample.main(sample.parse_args(["--model", "tiny", "--prompts", str(tmp_path / "five.txt"), "--out",
+                                       str(tmp_path / batch), "--steps", "3", "--num-images-per-prompt", "2",
+                                       "--batch-size", batch, "--protocol", "spo"]))
+    names = [sample.image_name(i, j) for i in range(5) for j in range(2)]
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "1" / name)), np.asarray(Image.open(tmp_path / "3" / name)))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "1" / names[0])), np.asarray(Image.open(tmp_path / "1" / names[1])))
+    index = json.load(open(tmp_path / "3" / "index.json"))
+    assert index["protocol"] == {"scheduler": "ddim", "steps": 3, "guidance_scale": 5.0, "images_per_prompt": 2,
+                                 "name": "spo, changed"}
 
 
 def test_evaluate_bad_input(tmp_path, scorer_dir):
@@ -198,14 +251,15 @@ def test_evaluate_bad_input(tmp_path, scorer_dir):
     make_folder(tmp_path / "b", ["x", "z"], [image, image])
     for a, b, scorer, message in [(tmp_path / "a", tmp_path / "b", scorer_dir, "do not pair up"),
                                   (tmp_path / "a", tmp_path / "none", scorer_dir, "has no index.json"),
-                                  (tmp_path / "a", tmp_path / "a", str(tmp_path / "no-scorer"), "cannot load the PickScore")]:
+                                  (tmp_path / "a", tmp_path / "a", str(tmp_path / "no-scorer"),
+                                   "cannot load the pickscore scorer")]:
         with pytest.raises(SystemExit) as e:
-            evaluate_main(a, b, scorer, tmp_path / "report.json")
+            evaluate_main(a, b, scorer=scorer, out=tmp_path / "report.json")
         assert message in str(e.value.code)
         assert not os.path.exists(tmp_path / "report.json")
     os.remove(tmp_path / "a" / sample.image_name(1, 0))
     with pytest.raises(SystemExit, match="lacks 1 of its images"):
-        evaluate_main(tmp_path / "a", tmp_path / "a", scorer_dir, tmp_path / "report.json")
+        evaluate_main(tmp_path / "a", tmp_path / "a", scorer=scorer_dir, out=tmp_path / "report.json")
 
 
 def test_torchrun_shards_prompts_and_matches_one_process(tmp_path, prompts):
@@ -224,3 +278,76 @@ def test_torchrun_shards_prompts_and_matches_one_process(tmp_path, prompts):
     for i in range(len(prompts)):  # same seeds; only the thread count differs, which may move a pixel by a level or two
         diff = pixels(tmp_path / "one", sample.image_name(i, 0)) - pixels(tmp_path / "two", sample.image_name(i, 0))
         assert diff.abs().max() <= 3 and diff.abs().mean() < 0.1
+
+
+def test_html_report_renders_with_its_images_in_a_browser(tmp_path, scorer_dir):
+    import shutil
+    import subprocess
+
+    g = torch.Generator().manual_seed(1)
+    prompts = ["a cat", "a dog", "a cube"]
+    folders = [tmp_path / name for name in ("ncp", "base", "dpo")]
+    for folder in folders:
+        make_folder(folder, prompts, [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy())
+                                      for _ in range(2 * len(prompts))], per_prompt=2)
+    evaluate_main(*folders, scorer=scorer_dir, out=tmp_path / "r.json", extra=["--html", str(tmp_path / "page")])
+    page = (tmp_path / "page" / "index.html").read_text()
+    top = 3  # prompts shown per pair of folders (all three here), 2 images a side
+    assert page.count("<img ") == 3 * top * 2 * 2 and page.count("<svg") == 3 and f'title="{folders[1]}">base<' in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium to render the page in (.ci/run installs Debian's chromium)")
+    run = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    url = (tmp_path / "page" / "index.html").as_uri()
+    dom = subprocess.run(run + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="36"' in dom  # every image decoded by the browser
+    subprocess.run(run + [f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1000,1400", url],
+                   capture_output=True, timeout=120)
+    shot = np.asarray(Image.open(tmp_path / "shot.png").convert("L"))
+    assert shot.shape == (1400, 1000) and shot.std() > 10  # not a blank page
+
+
+def test_clip_score_and_aesthetic_match_their_formulas(tmp_path, scorer_dir):
+    """CLIP score = max(100 cos, 0) and the aesthetic head on the unit image embedding, each against the CLIP
+    model's own forward as the oracle; the head loads strictly from a state dict in the reference's layout."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    g = torch.Generator().manual_seed(2)
+    images = [Image.fromarray((torch.rand(40, 32, 3, generator=g) * 255).byte().numpy()) for _ in range(3)]
+    prompts = ["a cat", "a dog", "a red cube"]
+    model, processor = CLIPModel.from_pretrained(scorer_dir).eval(), CLIPProcessor.from_pretrained(scorer_dir)
+    with torch.no_grad():
+        out = model(**processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+    cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert torch.allclose(evaluate.ClipScore(scorer_dir)(images, prompts), (100 * cos).clamp(min=0), atol=1e-4)
+
+    dims = [(1024, 16), (128, 1024), (64, 128), (16, 64), (1, 16)]  # the reference's head, on a 16-d tiny CLIP
+    state = {}
+    for i, (o, n) in zip((0, 2, 4, 6, 7), dims):
+        state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = torch.randn(o, n, generator=g) / n ** 0.5, torch.randn(o)
+    torch.save(state, tmp_path / "head.pth")
+    want = out.image_embeds  # unit, projected
+    for i in (0, 2, 4, 6, 7):
+        want = want @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
+    got = evaluate.Aesthetic(str(tmp_path / "head.pth"), scorer_dir, sha256=None)(images, prompts)
+    assert torch.allclose(got, want.squeeze(-1), atol=1e-4)
+    with pytest.raises(ValueError, match="is not the published file"):
+        evaluate.Aesthetic(str(tmp_path / "head.pth"), scorer_dir, sha256="0" * 64)
+
+
+def test_every_scorer_here_rates_a_folder_against_itself_at_half(tmp_path, scorer_dir):
+    g = torch.Generator().manual_seed(3)
+    dims = [(1024, 16), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    torch.save({f"layers.{i}.{p}": torch.randn(o, n, generator=g) if p == "weight" else torch.randn(o, generator=g)
+                for i, (o, n) in zip((0, 2, 4, 6, 7), dims) for p in ("weight", "bias")}, tmp_path / "head.pth")
+    images = [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()) for _ in range(4)]
+    make_folder(tmp_path / "a", ["p", "q"], images, per_prompt=2)
+    make_folder(tmp_path / "b", ["p", "q"], images, per_prompt=2)
+    report = evaluate_main(tmp_path / "a", tmp_path / "b", scorer=scorer_dir, out=tmp_path / "r.json",
+                           extra=["--scorers", "pickscore,clip,aesthetic", "--clip-model", scorer_dir,
+                                  "--aesthetic-head", str(tmp_path / "head.pth")])
+    for name in ("pickscore", "clip", "aesthetic"):
+        assert report["scorers"][name]["winrates"][str(tmp_path / "a")][str(tmp_path / "b")]["winrate"] == 0.5
+    with pytest.raises(SystemExit, match="cannot load the nope scorer"):
+        evaluate_main(tmp_path / "a", tmp_path / "b", scorer=scorer_dir, out=tmp_path / "r.json",
+                      extra=["--scorers", "nope"])
