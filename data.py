@@ -39,7 +39,6 @@ from PIL import Image
 # the same columns and splits. Not pinned here: the hub takes only full 40-digit commit hashes, and none could be
 # checked for this copy. Pin it yourself with the local directory of a `--revision` download (README).
 PICKAPIC = "liuhuohuo2/pick-a-pic-v2"
-PICKAPIC_REVISION = None
 META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid", "are_different", "has_label"]
 REQUIRED = ["caption", "label_0", "image_0_uid", "image_1_uid"]
 OPEN_FILES = 16  # shard files a DataLoader worker keeps open
@@ -97,10 +96,9 @@ def fetch(repo, split):
     """A local copy of a hub dataset's parquet shards of `split` (only those are fetched)."""
     from huggingface_hub import snapshot_download
 
-    revision = PICKAPIC_REVISION if repo == PICKAPIC else None
     patterns = [f"data/{split}-*.parquet", f"{split}-*.parquet", f"{split}/*.parquet"]
     try:
-        return snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns)
+        return snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
     except Exception as e:
         raise DataError(f"could not fetch split {split!r} of the hub dataset {repo} ({type(e).__name__}); "
                         "download it (see the README's Getting the data) and pass the local directory") from None
@@ -227,6 +225,11 @@ def preference_pairs(source, split="train", filter="none"):
               "pairs": pairs.num_rows,
               "prompts": int(pc.count_distinct(pairs["caption"]).as_py()) if pairs.num_rows else 0}
     return pairs, counts
+
+
+def pairs_format(pairs):
+    """The format a pairs table was read from (its schema metadata; pickapic for tables made before formats)."""
+    return (pairs.schema.metadata or {}).get(b"format", b"pickapic").decode()
 
 
 def comparisons(columns, shard):
@@ -421,7 +424,7 @@ def _bool_column(table, name, n, default):
 def largest_row_group(pairs):
     """Bytes read from disk for one image of the largest row group: its image columns' chunks (footers only).
     0 for formats outside parquet, whose items read their own bytes."""
-    fmt = (pairs.schema.metadata or {}).get(b"format", b"pickapic").decode()
+    fmt = pairs_format(pairs)
     largest = 0
     shards = pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []
     for path in shards if fmt in IMAGE_COLUMNS else []:
@@ -486,7 +489,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.pairs, self.resolution, self.train, self.seed = pairs, resolution, train, seed
         self.winners_only, self.max_tries, self.store = winners_only, max_tries, store
         self.paths = pairs["shard"].combine_chunks().dictionary.to_pylist() if pairs.num_rows else []
-        self.format = (pairs.schema.metadata or {}).get(b"format", b"pickapic").decode()
+        self.format = pairs_format(pairs)
         if store is None and self.format in IMAGE_COLUMNS:
             check_columns(sorted(set(self.paths)), IMAGE_COLUMNS[self.format])
         elif store is not None and store.sides < (1 if winners_only else 2):

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+import sample
+
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP = "openai/clip-vit-large-patch14"  # CLIP score, and the aesthetic head's image encoder
@@ -114,11 +116,12 @@ class ClipScore:
 class Aesthetic:
     """score(images, prompts) -> (N,) the LAION aesthetic predictor v2: a linear MLP on the unit CLIP ViT-L/14
     image embedding (the prompts are not used). head: the .pth file, a local path or a URL fetched once into
-    $HF_HOME/ncp/scorers and checked against sha256 (when given)."""
+    $HF_HOME/ncp/scorers; checked against sha256 when given (sample.fetch_checked)."""
 
     def __init__(self, head=AESTHETIC, model=CLIP, device="cpu", sha256=AESTHETIC_SHA256):
         self.clip = ClipModel(model, device)
-        state = torch.load(fetch_file(head, sha256), map_location="cpu", weights_only=True)
+        state = torch.load(sample.fetch_checked(head, "aesthetic head", sha256, "scorers"), map_location="cpu",
+                           weights_only=True)
         sizes = [state[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)]
         drop = [0.2, 0.2, 0.1]
         layers = []
@@ -132,30 +135,6 @@ class Aesthetic:
     @torch.no_grad()
     def __call__(self, images, prompts):
         return self.head.layers(self.clip.images(images)).squeeze(-1).cpu()
-
-
-def fetch_file(spec, sha256=None):
-    """A local path as it is; a URL fetched once into $HF_HOME/ncp/scorers. Checked against sha256 when given."""
-    import hashlib
-    import urllib.request
-
-    path = spec
-    if spec.startswith(("http://", "https://")):
-        cache = os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache")), "ncp", "scorers")
-        path = os.path.join(cache, os.path.basename(spec).replace("%2B", "+"))
-        if not os.path.exists(path):
-            if os.environ.get("HF_HUB_OFFLINE") == "1":
-                raise OSError(f"{path} is not there and HF_HUB_OFFLINE=1; fetch {spec} there")
-            os.makedirs(cache, exist_ok=True)
-            with urllib.request.urlopen(spec, timeout=120) as r, open(path + ".tmp", "wb") as f:
-                f.write(r.read())
-            os.replace(path + ".tmp", path)
-    if sha256:
-        with open(path, "rb") as f:
-            if (digest := hashlib.sha256(f.read()).hexdigest()) != sha256:
-                raise ValueError(f"{path} is not the published file (SHA-256 {digest[:12]}..., "
-                                 f"expected {sha256[:12]}...)")
-    return path
 
 
 def hpsv2_scorer():

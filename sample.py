@@ -352,35 +352,38 @@ PROTOCOLS = {"ncp": dict(scheduler="euler", steps=50, guidance_scale=None, image
 PROMPT_SETS = {"partiprompts": {
     "url": "https://raw.githubusercontent.com/google-research/parti/2c99f6652cbc7f0d0441aa91f4c7e7055bcb0071/"
            "PartiPrompts.tsv",
-    "sha256": "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb", "file": "PartiPrompts.tsv"}}
+    "sha256": "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb"}}
 
 
-def prompt_set(name, cache=None):
-    """The path of a named prompt set's file, fetched into `cache` on first use and checked against its SHA-256."""
+def fetch_checked(source, what, sha256=None, folder="files"):
+    """The local path of a published file: a path as it is, or a URL fetched once into $HF_HOME/ncp/<folder>/. Checked
+    against its SHA-256 when one is given. what: how errors name it. Raises ValueError."""
     import hashlib
+    import urllib.parse
     import urllib.request
 
-    spec = PROMPT_SETS[name]
-    cache = cache or os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache")), "ncp", "prompts")
-    path = os.path.join(cache, spec["file"])
-    if not os.path.exists(path):
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ValueError(f"the prompt set {name} is not in {cache} and HF_HUB_OFFLINE=1; fetch {spec['url']} "
-                             f"there as {spec['file']}")
-        os.makedirs(cache, exist_ok=True)
-        try:
-            with urllib.request.urlopen(spec["url"], timeout=60) as r:
-                payload = r.read()
-        except OSError as e:
-            raise ValueError(f"could not fetch the prompt set {name} from {spec['url']} ({e})") from None
-        with open(path + ".tmp", "wb") as f:
-            f.write(payload)
-        os.replace(path + ".tmp", path)
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != spec["sha256"]:
-        raise ValueError(f"{path} is not the published {name} (SHA-256 {digest[:12]}..., expected "
-                         f"{spec['sha256'][:12]}...); delete it to fetch it again")
+    path = source
+    if urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
+        cache = os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache")), "ncp", folder)
+        path = os.path.join(cache, urllib.parse.unquote(os.path.basename(source)))
+        if not os.path.exists(path):
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise ValueError(f"{what} is not in {cache} and HF_HUB_OFFLINE=1; fetch {source} there")
+            os.makedirs(cache, exist_ok=True)
+            try:
+                with urllib.request.urlopen(source, timeout=120) as r:
+                    payload = r.read()
+            except OSError as e:
+                raise ValueError(f"could not fetch {what} from {source} ({e})") from None
+            with open(path + ".tmp", "wb") as f:
+                f.write(payload)
+            os.replace(path + ".tmp", path)
+    if sha256:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != sha256:
+            raise ValueError(f"{path} is not the published {what} (SHA-256 {digest[:12]}..., expected "
+                             f"{sha256[:12]}...); delete it to fetch it again")
     return path
 
 
@@ -389,7 +392,7 @@ def read_prompts(spec, data_source=None):
     split name of a preference source, such as validation_unique (its unique captions, in order). Raises ValueError
     when there is none."""
     if spec in PROMPT_SETS:
-        spec = prompt_set(spec)
+        spec = fetch_checked(PROMPT_SETS[spec]["url"], f"prompt set {spec}", PROMPT_SETS[spec]["sha256"], "prompts")
     if not os.path.isfile(spec) and (os.sep in spec or spec.endswith((".txt", ".tsv"))):
         raise ValueError(f"no prompt file {spec}")  # a path, not a split name
     if os.path.isfile(spec):

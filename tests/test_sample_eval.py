@@ -71,18 +71,18 @@ def test_named_prompt_sets_are_fetched_once_and_checked(tmp_path, monkeypatch):
     import hashlib
 
     published = "Prompt\tCategory\nA bear\tAnimals\nA red cube\tShapes\n".encode()
-    (tmp_path / "server.tsv").write_bytes(published)
-    spec = {"url": (tmp_path / "server.tsv").as_uri(), "sha256": hashlib.sha256(published).hexdigest(),
-            "file": "set.tsv"}
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "set.tsv").write_bytes(published)
+    spec = {"url": "file://" + str(tmp_path / "server" / "set.tsv"), "sha256": hashlib.sha256(published).hexdigest()}
     monkeypatch.setitem(sample.PROMPT_SETS, "myset", spec)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert sample.read_prompts("myset") == ["A bear", "A red cube"]
-    (tmp_path / "server.tsv").write_bytes(b"Prompt\nsomething else\n")  # the cached copy is what is read
+    (tmp_path / "server" / "set.tsv").write_bytes(b"Prompt\nsomething else\n")  # the cached copy is what is read
     assert sample.read_prompts("myset") == ["A bear", "A red cube"]
     cached = tmp_path / "home" / "ncp" / "prompts" / "set.tsv"
     cached.write_bytes(b"Prompt\nA bear\n")  # edited or truncated: refused
-    with pytest.raises(ValueError, match="is not the published myset"):
+    with pytest.raises(ValueError, match="is not the published prompt set myset"):
         sample.read_prompts("myset")
     cached.unlink()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -331,7 +331,7 @@ def test_clip_score_and_aesthetic_match_their_formulas(tmp_path, scorer_dir):
         want = want @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
     got = evaluate.Aesthetic(str(tmp_path / "head.pth"), scorer_dir, sha256=None)(images, prompts)
     assert torch.allclose(got, want.squeeze(-1), atol=1e-4)
-    with pytest.raises(ValueError, match="is not the published file"):
+    with pytest.raises(ValueError, match="is not the published aesthetic head"):
         evaluate.Aesthetic(str(tmp_path / "head.pth"), scorer_dir, sha256="0" * 64)
 
 
