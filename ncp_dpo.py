@@ -443,7 +443,7 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     print0 = logger(os.path.join(args.output_dir, "log.txt") if master else None)
     print0(f"data: {json.dumps(counts)}")
-    if not (args.cache_latents or args.image_store) and (group := data.largest_row_group(pairs)) > 2**26:
+    if master and not (args.cache_latents or args.image_store) and (group := data.largest_row_group(pairs)) > 2**26:
         print0(f"data: each item reads a parquet row group of up to {group / 2**20:.0f} MB; "
                "--image-store DIR or --cache-latents DIR reads each once")
     print0(f"{OBJECTIVE} in {args.space} space | {args.model} | world {world_size} x micro {args.micro_batch_size} x "
