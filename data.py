@@ -441,6 +441,27 @@ def largest_row_group(pairs):
 # The training dataset
 
 
+class OpenFiles(collections.OrderedDict):
+    """key -> an open file: a descriptor, or a tuple whose first item has close(). At most OPEN_FILES stay open, the
+    least recently used is closed first. A copy for another process (a DataLoader worker) starts empty."""
+
+    def opened(self, key, opener):
+        if key in self:
+            self.move_to_end(key)
+        else:
+            self[key] = opener()
+            if len(self) > OPEN_FILES:
+                old = self.popitem(last=False)[1]
+                if isinstance(old, int):
+                    os.close(old)
+                else:
+                    old[0].close()
+        return self[key]
+
+    def __reduce__(self):
+        return OpenFiles, ()
+
+
 def load_image(data):
     """JPEG/PNG bytes -> RGB PIL image, and whether it had to be converted from another mode (RGBA, L, CMYK)."""
     image = Image.open(io.BytesIO(data))
@@ -500,33 +521,24 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.row = pairs["row"].to_numpy()
         self.winner_col = pairs["winner_col"].to_numpy()
         self.captions = pairs["caption"].to_pylist()
-        self._files = collections.OrderedDict()  # per worker process: shard -> (ParquetFile, row-group starts)
+        self._files = OpenFiles()  # per worker process: shard -> (ParquetFile, row-group starts), or a tar's fd
         self._group = (None, {})  # per worker process: (shard, row group), {column: its values}
 
     def __len__(self):
         return self.pairs.num_rows
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": collections.OrderedDict(), "_group": (None, {})}
+        return {**self.__dict__, "_group": (None, {})}
 
     def _file(self, shard):
-        """The open shard: a ParquetFile and its row groups' first rows, or a tar's descriptor. At most OPEN_FILES
-        stay open."""
-        if shard in self._files:
-            self._files.move_to_end(shard)
-        elif self.format == "webdataset":
-            self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        else:
-            f = pq.ParquetFile(self.paths[shard])
-            starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
-            self._files[shard] = (f, starts)
-        if len(self._files) > OPEN_FILES:
-            old = self._files.popitem(last=False)[1]
-            if isinstance(old, int):
-                os.close(old)
-            else:
-                old[0].close()
-        return self._files[shard]
+        """The open shard: a ParquetFile and its row groups' first rows, or a tar's descriptor."""
+        return self._files.opened(shard, lambda: self._open(shard))
+
+    def _open(self, shard):
+        if self.format == "webdataset":
+            return os.open(self.paths[shard], os.O_RDONLY)
+        f = pq.ParquetFile(self.paths[shard])
+        return f, np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
 
     def row_groups(self, indices):
         """(shard, row group) of each pair index, as one int64 per pair that sorts like the shards' order. Formats
@@ -647,7 +659,7 @@ class ImageStore:
         shard = pairs["shard"].combine_chunks()
         self.shard = shard.indices.to_numpy(zero_copy_only=False)
         self.shards = len(shard.dictionary) if pairs.num_rows else 0
-        self._index, self._fds = None, collections.OrderedDict()
+        self._index, self._fds = None, OpenFiles()
 
     def create(self):
         """Make the (empty) index if it does not exist yet. Call on one process, before any other opens it."""
@@ -659,7 +671,7 @@ class ImageStore:
         write_key(self.dir, self.key)
 
     def __getstate__(self):
-        return {**self.__dict__, "_index": None, "_fds": collections.OrderedDict()}
+        return {**self.__dict__, "_index": None}
 
     def missing(self):
         """The shards not copied yet."""
@@ -705,13 +717,8 @@ class ImageStore:
         if self._index is None:
             self._index = np.load(os.path.join(self.dir, "index.npy"), mmap_mode="r")
         shard = int(self.shard[i])
-        if shard in self._fds:
-            self._fds.move_to_end(shard)
-        else:
-            self._fds[shard] = os.open(os.path.join(self.dir, f"shard-{shard:05d}.bin"), os.O_RDONLY)
-            if len(self._fds) > OPEN_FILES:
-                os.close(self._fds.popitem(last=False)[1])
-        return [os.pread(self._fds[shard], int(n), int(o)) for o, n in self._index[i, :sides]]
+        fd = self._fds.opened(shard, lambda: os.open(os.path.join(self.dir, f"shard-{shard:05d}.bin"), os.O_RDONLY))
+        return [os.pread(fd, int(n), int(o)) for o, n in self._index[i, :sides]]
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -141,3 +142,16 @@ def test_training_from_the_image_store_is_the_same_run(tmp_path):
     out = train("ncp_dpo.py", tmp_path / "a", "--model", "tiny", "--max-steps", "3", "--resume",
                 "--image-store", str(store)).stdout
     assert "1 of 1 shards copied, 0 to copy" in out
+
+
+def test_open_files_are_bounded_and_not_inherited_by_a_pickled_copy(tmp_path):
+    import pickle
+
+    (tmp_path / "f").write_bytes(b"x")
+    files = data.OpenFiles()
+    fds = [files.opened(k, lambda: os.open(tmp_path / "f", os.O_RDONLY)) for k in range(data.OPEN_FILES + 1)]
+    assert len(files) == data.OPEN_FILES and 0 not in files  # the least recently used went first
+    with pytest.raises(OSError):
+        os.fstat(fds[0])  # and was closed
+    assert files.opened(5, lambda: -1) == fds[5] and list(files)[-1] == 5  # a hit opens nothing, moves to the end
+    assert len(pickle.loads(pickle.dumps(files))) == 0
