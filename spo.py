@@ -1,0 +1,828 @@
+"""SPO: step-aware preference optimization, online, with the comparison in latent space or in NCP's feature space.
+
+Liang et al. 2024, "Step-aware Preference Optimization", arXiv 2406.04314; with --space ncp the errors of its loss
+are measured in the frozen U-Net encoder's feature space at the step's own noise level, as NCP (Gambashidze et al.
+2024, arXiv 2406.17636) does for DPO. Each iteration samples with the current policy and trains on what it found:
+
+1. DDIM, 20 steps, eta 1, guidance 5. The first --branch-from steps are plain sampling; from then on, at every step,
+   k candidates x_{t-1} are drawn from the one current x_t (fresh noise each). The next step's single batched U-Net
+   call over the k candidates gives both their x0 predictions, for scoring, and the eps to go on from.
+2. The step-aware preference model (spm.py) scores each candidate's decoded x0 at its timestep; the best and the
+   worst form a pair if softmax([s_best, s_worst]) differs by more than --threshold.
+3. Sampling goes on from a candidate drawn at random (not the winner), so the next pair again shares its x_t.
+4. The kept transitions (x_t, x_w, x_l, t, prompt) of every rank are gathered, shuffled with the run's seed, and
+   trained on once, --global-batch-size transitions per optimizer step (a remainder of fewer is dropped), so every
+   rank takes the same number of steps whatever it kept.
+
+The loss (SPO.md section 4), with mu the DDIM (eta = 1) posterior mean of x_{t-1} under guidance and sigma_t its std:
+
+    D_x = lp_theta(x) - lp_ref(x),  lp(x) = -mean (x - mu(x_t))^2 / (2 sigma_t^2)
+    L   = -log sigmoid(beta * (log clamp(exp(D_w), 1 - eps, 1 + eps) - log clamp(exp(D_l), 1 - eps, 1 + eps)))
+
+--space ncp replaces each squared distance by d(a, b) = mean (E(a, t', c) - E(b, t', c))^2, E the base U-Net's down
+stack (encoder.py) at the candidates' timestep t'. With m = (mu_theta + mu_ref) / 2 and Delta = mu_theta - mu_ref,
+
+    D_x^latent = mean((x - m) * Delta) / sigma_t^2                 exactly lp_theta(x) - lp_ref(x)
+    D_x^ncp    = -(d(x, mu_theta) - d(x, mu_ref)) / (2 sigma_t^2)
+               = mean((E(x) - E(m)) * J_E(m) Delta) / sigma_t^2 + O(|Delta|^3)
+
+The second form is how half precision computes it (the first in fp32): Delta, the policy's move away from the
+reference, is tiny beside x, and a difference of two encoder passes would be rounding noise (encoder.py explains).
+J_E(m) Delta is one forward-mode pass, shared by winner and loser; E(x_w), E(x_l) and E(m) need no grad. With E the
+identity both lines are the same number: the NCP loss keeps the latent loss's scaling, 1 / sigma_t^2, and only
+beta changes with the feature scale (see --beta).
+
+The reference is the U-Net with its LoRA adapters disabled; one policy and one reference forward (each a guided
+pair) serve both images of a transition, as they share x_t.
+
+    python spo.py --model tiny --preference-model tiny --data synthetic        # a first run on a CPU
+    torchrun --nproc_per_node=2 spo.py --model tiny --preference-model tiny --data synthetic --space ncp
+    torchrun --nproc_per_node=4 spo.py --model sdxl --preference-model PATH/sdxl_step-aware_preference_model.bin
+    torchrun --nproc_per_node=4 spo.py --model sd15 --preference-model PATH/sd-v1-5_step-aware_preference_model.bin \
+        --prompts spo_prompts.txt --space latent                            # the authors' SPO
+    torchrun --nproc_per_node=4 spo.py --model sdxl ... --resume           # continue the run in --output-dir
+
+Resume: a checkpoint holds the iteration, the optimizer steps done in it and, when that is not zero, the LoRA the
+iteration sampled with. A resumed run samples that iteration again with that LoRA and the same seeds, so it finds
+the same transitions, then takes up the LoRA and optimizer state it had and continues at the next step: the result
+is that of a run that never stopped. A signal during sampling stops at the next denoising step.
+
+Outputs in --output-dir: pytorch_lora_weights.safetensors (pipe.load_lora_weights(dir)), checkpoint.pt,
+metrics.jsonl (one line per --log-every steps, and one per iteration with the sampling, scoring and training
+times) and log.txt.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import encoder
+import sample
+import spm
+
+OBJECTIVE = "spo"
+ETA = 1.0  # DDIM's eta: every step a Gaussian of std sigma_t, so candidates differ and log-probabilities exist
+
+
+def spo_loss(d_w, d_l, beta, eps):
+    """SPO's loss from the log-ratios D = lp_theta - lp_ref of winner and loser, (B,) each; mean over B.
+
+    The clamp of the ratio exp(D) to [1 - eps, 1 + eps] stops the gradient of a side whose ratio has left the band:
+    the policy may not move a transition's likelihood more than eps away from the reference's. It is ln 2 at
+    policy == reference (D = 0)."""
+    log_w = torch.log(torch.exp(d_w).clamp(1 - eps, 1 + eps))
+    log_l = torch.log(torch.exp(d_l).clamp(1 - eps, 1 + eps))
+    margin = log_w - log_l
+    loss = -torch.nn.functional.logsigmoid(beta * margin).mean()
+    metrics = {"loss": loss, "accuracy": (margin > 0).float().mean() + 0.5 * (margin == 0).float().mean(),
+               "margin": margin.mean(), "ratio_w": log_w.exp().mean(), "ratio_l": log_l.exp().mean(),
+               "d_w": d_w.mean(), "d_l": d_l.mean()}
+    return loss, {k: v.detach().float() for k, v in metrics.items()}
+
+
+def ddim_step(scheduler, x_t, t, eps, eta=ETA):
+    """DDIMScheduler.step's x_t -> x_{t-1} as (mean, std, x0), per-sample t (B,): x_{t-1} = mean + std * noise.
+
+    scheduler: a DDIMScheduler after set_timesteps (its step size, alphas and final alpha). fp32 results."""
+    abar = scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)
+    prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = abar[t].view(-1, 1, 1, 1)
+    a_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.full_like(abar[t], float(scheduler.final_alpha_cumprod)))
+    a_prev = a_prev.view(-1, 1, 1, 1)
+    x0 = (x_t.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps.float()
+    return mean, std, x0
+
+
+def pick_pairs(scores, threshold):
+    """Scores (k, P) of k candidates for P prompts -> (best (P,), worst (P,), keep (P,) bool): keep when
+    softmax([s_best, s_worst])[0] - softmax(...)[1] > threshold."""
+    order = scores.argsort(dim=0, descending=True)
+    best, worst = order[0], order[-1]
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    p = torch.stack([scores[best, columns], scores[worst, columns]]).float().softmax(dim=0)
+    return best, worst, p[0] - p[1] > threshold
+
+
+# -----------------------------------------------------------------------------
+# Settings. Per model, the authors' (their SD1.5 and SDXL configs, scaled to the global batch of 4 GPUs); tiny
+# finishes on a CPU.
+
+PRESETS = {
+    "sd15": dict(resolution=512, prompts_per_iteration=40, global_batch_size=40, micro_batch_size=10, lr=6e-5,
+                 warmup_steps=0, epochs=10, lora_rank=4, candidates=4, threshold=0.3, gradient_checkpointing=False),
+    "sdxl": dict(resolution=1024, prompts_per_iteration=8, global_batch_size=16, micro_batch_size=2, lr=1e-5,
+                 warmup_steps=0, epochs=10, lora_rank=64, candidates=2, threshold=0.4, gradient_checkpointing=True),
+    "tiny": dict(resolution=32, prompts_per_iteration=4, global_batch_size=8, micro_batch_size=4, lr=1e-3,
+                 warmup_steps=0, epochs=2, lora_rank=8, candidates=2, threshold=0.0, gradient_checkpointing=False),
+}
+BETA = {"latent": 10.0, "ncp": 10.0}  # the authors' 10 for latents; ncp: see --beta
+# On --resume the flags not given take the checkpoint's values; these may be given anew.
+RESUME_MAY_CHANGE = ["max_steps", "epochs", "micro_batch_size", "lr", "save_every", "log_every", "report_to",
+                     "validation_prompts", "validation_every", "dist_timeout", "beta", "eps"]
+
+
+def preset(key):
+    """What --help says of a flag whose default comes from the model's preset."""
+    values = {model: settings[key] for model, settings in PRESETS.items()}
+    return "(default: " + ", ".join(f"{model} {value}" for model, value in values.items()) + ")"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--model", default="sdxl",
+                   help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
+    p.add_argument("--preference-model", default="tiny", help="the step-aware preference model: a .bin of "
+                   f"{spm.RELEASED} (with --spm-backbone), or tiny (random, for a CPU run) (default: %(default)s)")
+    p.add_argument("--spm-backbone", help=f"the CLIP the .bin was trained from (default: {spm.PICKSCORE}; tiny for "
+                   "--preference-model tiny or a .bin saved from a tiny one)")
+    p.add_argument("--encoder-depth", choices=["down", "mid"], help="--space ncp's encoder: the down blocks, or "
+                   "through the mid block (default: " + ", ".join(f"{k} {v}" for k, v in encoder.DEPTHS.items()) + ")")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + preset("lora_rank"))
+    # prompts
+    p.add_argument("--prompts", help="the training prompts: a text file (one a line), a .tsv with a Prompt column, "
+                   "or a split name of --data (default: --split of --data)")
+    p.add_argument("--data", default=data.PICKAPIC, help="a preference source whose captions are the prompts "
+                   "(any format data.py reads), or synthetic (default: %(default)s)")
+    p.add_argument("--split", default="train", help="its split (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="sampling resolution in pixels " + preset("resolution"))
+    # sampling and the preference pairs
+    p.add_argument("--prompts-per-iteration", type=int, help="prompts sampled per iteration over all ranks "
+                   + preset("prompts_per_iteration"))
+    p.add_argument("--candidates", type=int, help="k, candidates per step " + preset("candidates"))
+    p.add_argument("--threshold", type=float, help="keep a pair when its softmax gap exceeds this "
+                   + preset("threshold"))
+    p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps (default: %(default)s)")
+    p.add_argument("--branch-from", type=int, default=4,
+                   help="plain sampling steps before the candidates start (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=5.0,
+                   help="classifier-free guidance, in sampling and in the loss (default: %(default)s)")
+    # objective
+    p.add_argument("--space", choices=["latent", "ncp"], default="ncp",
+                   help="latent: SPO's loss; ncp: its distances in the U-Net encoder's space (default: %(default)s)")
+    p.add_argument("--beta", type=float, help="beta of the loss (default: latent "
+                   f"{BETA['latent']:g}, the authors'; ncp {BETA['ncp']:g}, see the README's SPO section)")
+    p.add_argument("--eps", type=float, default=0.1, help="the ratio clamp [1 - eps, 1 + eps] (default: %(default)s)")
+    # optimization
+    p.add_argument("--epochs", type=int, help="passes over the prompts " + preset("epochs"))
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: the epochs' end)")
+    p.add_argument("--global-batch-size", type=int,
+                   help="transitions per optimizer step over all ranks " + preset("global_batch_size"))
+    p.add_argument("--micro-batch-size", type=int, help="transitions per forward per rank, lowered to divide the "
+                   "global batch over the ranks if not given " + preset("micro_batch_size"))
+    p.add_argument("--lr", type=float, help="learning rate, constant after warmup " + preset("lr"))
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps " + preset("warmup_steps"))
+    p.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw",
+                   help="adamw: torch AdamW in fp32, the authors'; adamw8bit: bitsandbytes (default: %(default)s)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="frozen weights and autocast dtype; LoRA weights stay fp32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in backward " + preset("gradient_checkpointing"))
+    # run
+    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/spo-SPACE-MODEL)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the LoRA init, prompt order, sampling noise and transition order (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N optimizer steps, and at the end (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="log averaged metrics every N steps (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; flags not given "
+                   "take the checkpoint's values, and only "
+                   + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + " may change")
+    p.add_argument("--report-to", choices=["none", *sample.REPORTERS], default="none",
+                   help="also send the logged metrics and validation grids there, from rank 0 (default: %(default)s)")
+    p.add_argument("--validation-prompts", metavar="FILE", help="rank 0 samples a grid of these prompts into "
+                   "OUTPUT_DIR/samples/step_NNNNN.png at step 0 and every --validation-every steps")
+    p.add_argument("--validation-every", type=int, default=100,
+                   help="steps between validation grids (default: %(default)s)")
+    p.add_argument("--dist-timeout", type=float, default=60.0, help="minutes a collective waits for a slow rank "
+                   "(default: %(default)s; NCCL's own is 10)")
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again without defaults: what the command line itself says
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+def fill_defaults(args, kind):
+    """Fill the unset arguments from the model's preset. Returns args."""
+    preset = PRESETS["tiny" if args.model.startswith("tiny") else kind]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.encoder_depth = args.encoder_depth or encoder.DEPTHS[kind]
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.beta = BETA[args.space] if args.beta is None else args.beta
+    if args.spm_backbone is None:
+        args.spm_backbone = "tiny" if args.preference_model == "tiny" else spm.PICKSCORE
+    model = os.path.basename(args.model.rstrip("/"))
+    args.output_dir = args.output_dir or os.path.join("runs", f"{OBJECTIVE}-{args.space}-{model}")
+    args.objective = OBJECTIVE
+    return args
+
+
+def check_run(args):
+    """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
+    for key, low in (("candidates", 2), ("steps", 2), ("prompts_per_iteration", 1), ("epochs", 1)):
+        if getattr(args, key) < low:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least {low}")
+    if not 0 <= args.branch_from < args.steps:
+        raise ValueError(f"--branch-from {args.branch_from} must be between 0 and --steps - 1 = {args.steps - 1}")
+    if not 0 < args.eps < 1:
+        raise ValueError(f"--eps {args.eps} must be between 0 and 1")
+    if args.preference_model != "tiny" and not os.path.isfile(args.preference_model):
+        raise ValueError(f"--preference-model {args.preference_model}: no such file (download the .bin of "
+                         f"{spm.RELEASED}, or pass tiny)")
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        if args.resume:
+            raise ValueError(f"--resume: nothing to resume, there is no {path}")
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not args.resume:
+        raise ValueError(f"{args.output_dir} holds a run at step {ckpt['step']}: pass --resume to continue it, "
+                         "or choose another --output-dir")
+    changed, refused = [], []
+    for key, before in ckpt["args"].items():
+        if key in ("resume", "output_dir") or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(args, key, before)  # not on the command line: the run's own value
+        elif getattr(args, key) != before:
+            change = f"{key.replace('_', '-')} {before} -> {getattr(args, key)}"
+            (changed if key in RESUME_MAY_CHANGE else refused).append(change)
+    if refused:
+        raise ValueError(f"--resume cannot change {'; '.join(refused)}: the checkpoint's LoRA, optimizer state and "
+                         f"position belong to its own values (only {', '.join(RESUME_MAY_CHANGE)} may change)")
+    if args.max_steps is not None and args.max_steps < ckpt["step"]:
+        raise ValueError(f"--max-steps {args.max_steps}: the checkpoint is already at step {ckpt['step']}")
+    args.changed_on_resume = changed
+    return ckpt
+
+
+def check_batch(args, world_size, fit=True):
+    """Fail fast on batch sizes that do not divide over the ranks. With fit, a micro-batch size that was not given
+    (the preset's) is lowered until it does."""
+    if fit and "micro_batch_size" not in args.given and args.global_batch_size % world_size == 0:
+        per_rank = args.global_batch_size // world_size
+        args.micro_batch_size = max(d for d in range(1, min(args.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    per_step = args.micro_batch_size * world_size
+    if min(args.global_batch_size, args.micro_batch_size) <= 0 or args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
+                         f"--micro-batch-size x world size = {args.micro_batch_size} x {world_size} = {per_step}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ValueError(f"--max-steps {args.max_steps} must be positive")
+
+
+def prompt_seed(seed, iteration, index):
+    """The seed of one prompt's sampling in one iteration: the same on any rank, whatever the world size."""
+    return ((seed * 1_000_003 + iteration) * 1_000_003 + index) % 2**63
+
+
+def stop_signal(stop, ddp, device):
+    """The signal that asked the run to stop (0: none), the same on every rank: one tiny all-reduce."""
+    flag = torch.tensor([stop[0][0] if stop else 0], device=device)
+    if ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals):
+    """Clip, step (unless the gradient is not finite), advance the schedule. Returns (step + 1, grad norm, lr used)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # DDP has averaged the grads: same on all ranks
+    if torch.isfinite(grad_norm):
+        scaler.step(optimizer)
+    else:  # a non-finite loss or gradient: skip the update, never write NaN into the LoRA
+        totals["nonfinite_steps"] += 1
+    scaler.update()
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the schedule's next is for the next step)
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step + 1, grad_norm, lr
+
+
+def run_args(args):
+    """The run's settings as a checkpoint stores them (without what this command line alone says)."""
+    return {k: v for k, v in vars(args).items() if k not in ("given", "changed_on_resume")}
+
+
+def validate(models, prompts, args, step, report, autocast):
+    """Rank 0: the validation grid of `step`, saved and reported. Returns (its path, the seconds it took)."""
+    start = time.time()
+    with autocast:
+        grid = sample.validation_grid(models, prompts, args.resolution, args.seed)
+    path = os.path.join(args.output_dir, "samples", f"step_{step:05d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    report.image("validation", grid, step)
+    return path, time.time() - start
+
+
+def peak_memory(cuda):
+    """GiB: the peak of allocated GPU memory on GPU; the process's peak resident memory on CPU."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def save_atomic(args, raw_unet, state):
+    """Write the LoRA (diffusers' format) and the checkpoint via temporary names, then rename."""
+    with tempfile.TemporaryDirectory(dir=args.output_dir) as tmp:
+        sample.save_lora(raw_unet, tmp)
+        os.replace(os.path.join(tmp, sample.LORA_FILE), os.path.join(args.output_dir, sample.LORA_FILE))
+        torch.save(state, os.path.join(tmp, "checkpoint.pt"))
+        os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(args.output_dir, "checkpoint.pt"))
+
+
+def setup_distributed(timeout_minutes):
+    """(ddp, rank, local rank, world size, device) of this process; joins the process group under torchrun."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, local_rank, world_size = (int(os.environ.get(k, "0" if k != "WORLD_SIZE" else "1"))
+                                    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return ddp, rank, local_rank, world_size, device
+
+
+def make_optimizer(args, params, device):
+    """AdamW (the authors': weight decay 1e-4), a linear warmup to a constant lr, and fp16's gradient scaler."""
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    return optimizer, lr_schedule, scaler
+
+
+def restore(ckpt, lora, optimizer, lr_schedule, scaler, lr):
+    """Load a checkpoint's LoRA, optimizer, schedule and scaler; the schedule then runs at this command's lr.
+    Returns (step, totals)."""
+    set_lora(lora, ckpt["lora"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_schedule.load_state_dict(ckpt["lr_schedule"])
+    lr_schedule.base_lrs = [lr]  # this command's lr, which may have changed on resume
+    optimizer.param_groups[0]["lr"] = lr * lr_schedule.lr_lambdas[0](lr_schedule.last_epoch)
+    scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["step"], ckpt["totals"]
+
+
+def set_lora(lora, values):
+    with torch.no_grad():
+        for name, p in lora.items():
+            p.copy_(values[name])
+
+
+def reduce_window(window, steps, ddp, world_size, device):
+    """The logged window's metrics, averaged over its steps and the ranks: {name: float}."""
+    names = sorted(window)
+    values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / steps
+    if ddp:
+        dist.all_reduce(values)
+        values /= world_size
+    return {k: v.item() for k, v in zip(names, values)}
+
+
+def ranks_agree(params, world_size, device):
+    """Whether every rank holds the same LoRA: each tensor's sum and sum of squares, gathered and compared."""
+    sums = torch.stack([s for p in params for s in (p.double().sum(), p.double().square().sum())]).to(device)
+    gathered = [torch.zeros_like(sums) for _ in range(world_size)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], x) for x in gathered)
+
+
+def load_run(args, ddp, local_rank, world_size, master, device):
+    """Check everything that can be checked, then read the prompts and load the models, local rank 0 first (one
+    download per node). A user error is one line on every rank, and a run that fails here leaves nothing behind.
+    Returns (args, checkpoint or None, prompts, validation prompts, dtype, models, preference model)."""
+    slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if ddp else None  # waits for downloads
+    if ddp and local_rank != 0:
+        dist.barrier(group=slow)
+    error, fresh, loaded = None, False, None
+    try:
+        _, kind = sample.resolve_model(args.model)
+        args = fill_defaults(args, kind)
+        fresh = not os.path.exists(args.output_dir)
+        ckpt = check_run(args)
+        check_batch(args, world_size, fit=ckpt is None)
+        source = args.data
+        if source == "synthetic":
+            source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data"))
+        prompts = sample.read_prompts(args.prompts or args.split, source)
+        validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
+        sample.check_reporter(args.report_to)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+        preference = spm.load(None if args.preference_model == "tiny" else args.preference_model,
+                              args.spm_backbone, device=device)  # fp32: its keep rule compares small gaps
+        loaded = (args, ckpt, prompts, validation, dtype, sample.load_models(args.model, dtype, device), preference)
+    except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
+        error = f"error: {e}"
+    if ddp and local_rank == 0:
+        dist.barrier(group=slow)
+    failed = torch.tensor([float(error is not None), float(master and error is not None)])  # anywhere, on rank 0
+    if ddp:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=slow)
+    if failed[0]:
+        if fresh and master:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        sys.exit(error if master or (error and not failed[1]) else 1)  # one message: rank 0's if it has one
+    return loaded
+
+
+def logger(path):
+    """print0(*parts): on rank 0 (path given), a line to the console, above the progress bar, and to `path`."""
+    log_file = open(path, "a") if path else None
+
+    def print0(*parts):
+        if log_file:
+            line = " ".join(str(p) for p in parts)
+            tqdm.write(line)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    return print0
+
+
+def write_record(record, path, report, bar, print0):
+    """Rank 0's outputs of one log line: metrics.jsonl, the reporter, the progress bar, the console and log.txt."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    report.scalars(record, record["step"])
+    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "accuracy") if k in record})
+    print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+
+# -----------------------------------------------------------------------------
+# Sampling the transitions
+
+
+def guided_eps(unet, x, t, cond, guidance):
+    """Classifier-free guided eps of x (N, C, h, w) at t (int or (N,)): one U-Net call over [uncond; cond].
+    cond: the U-Net's keyword arguments for 2N rows, the N unconditional ones first."""
+    t = torch.as_tensor(t, device=x.device).expand(len(x))
+    uncond, text = unet(torch.cat([x, x]), torch.cat([t, t]), **cond).sample.float().chunk(2)
+    return uncond + guidance * (text - uncond)
+
+
+def cat_cond(a, b):
+    """Two cond dicts (the U-Net's keyword arguments) stacked along the batch."""
+    return {k: cat_cond(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
+
+
+def text_cond(models, captions, resolution, empty):
+    """cond for the guided U-Net call of these captions: the empty prompt's rows first, then the captions'."""
+    cond = sample.encode_prompt(models, captions, target_size=[resolution] * 2)
+    return cat_cond(sample.repeat_cond(empty, len(captions)), cond), cond
+
+
+@torch.no_grad()
+def sample_transitions(models, unet, preference, ddim, prompts, seeds, args, empty, stopped):
+    """Run SPO's sampling for P prompts; returns (kept transitions, {"sample_s", "score_s", "scores"}) or None if
+    stopped() said so between two denoising steps.
+
+    Each prompt draws all its noise and its random continuations from a generator of its own seed, so what it finds
+    does not depend on the other prompts of its batch or the rank it ran on. Candidates are stored candidate-major:
+    row j * P + p is candidate j of prompt p. Transitions: {"x_t", "x_w", "x_l" (n, C, h, w), "t" (n,), "prompt"
+    (n,) index into `prompts`}, on the CPU."""
+    device, n_prompts, k = models.unet.device, len(prompts), args.candidates
+    gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+    shape = (models.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
+    noise = lambda: torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # noqa: E731
+    both, _ = text_cond(models, prompts, args.resolution, empty)
+    ddim.set_timesteps(args.steps, device=device)
+    x = noise()
+    kept, scores_seen, score_s, start = [], [], 0.0, time.time()
+    branch_x = branch_t = None  # the shared x_t of the current candidates, and its timestep
+    for i, t in enumerate(ddim.timesteps):
+        n = len(x) // n_prompts  # 1, or k candidates per prompt
+        eps = guided_eps(unet, x, t, sample.repeat_cond(both, n), args.guidance_scale)
+        mean, std, x0 = ddim_step(ddim, x, t.expand(len(x)), eps)
+        if n > 1:  # score the candidates by their x0 at their own timestep t, keep a pair, go on from one at random
+            score_start = time.time()
+            scores = score(models, preference, x0, prompts * n, t).view(n, n_prompts)
+            score_s += time.time() - score_start
+            scores_seen.append(scores.flatten())
+            kept.append(keep(x, scores, branch_x, branch_t, args.threshold, std_branch))
+            chosen = torch.stack([torch.randint(n, (), generator=g, device=device) for g in gens])
+            rows = chosen * n_prompts + torch.arange(n_prompts, device=device)
+            x, mean, std = x[rows], mean[rows], std[rows]
+        if i >= args.branch_from:  # k candidates of x_{t-1} from the one x_t
+            branch_x, branch_t, std_branch = x, t, std
+            draws = torch.stack([noise() for _ in range(k)])  # (k, P, ...): [j, p] is prompt p's j-th draw
+            x = mean.repeat(k, 1, 1, 1) + std.repeat(k, 1, 1, 1) * draws.flatten(0, 1)
+        else:
+            x = mean + std * noise()
+        if stopped():
+            return None
+    # the last candidates are clean images: scored as they are, at t = 0
+    score_start = time.time()
+    scores = score(models, preference, x, prompts * k, 0).view(k, n_prompts)
+    score_s += time.time() - score_start
+    scores_seen.append(scores.flatten())
+    kept.append(keep(x, scores, branch_x, branch_t, args.threshold, std_branch))
+    out = {key: torch.cat([part[key] for part in kept]) for key in kept[0]}
+    order = sorted(range(len(out["t"])), key=lambda j: (int(out["prompt"][j]), -int(out["t"][j])))
+    out = {key: v[order] for key, v in out.items()}
+    return out, {"sample_s": time.time() - start - score_s, "score_s": score_s,
+                 "scores": torch.cat(scores_seen).float().cpu()}
+
+
+def score(models, preference, latents, prompts, t):
+    """The preference model's scores of latents (decoded) for their prompts at timestep t, in fp32."""
+    pixels = sample.decode_latents(models.vae, latents)
+    with torch.autocast(pixels.device.type, enabled=False):
+        return preference.score(pixels.float(), prompts, int(t))
+
+
+def keep(candidates, scores, branch_x, branch_t, threshold, std):
+    """The transitions of one branching step whose pair passes the threshold, on the CPU. A step of std 0 (the last
+    step when the scheduler's final alpha is 1) has identical candidates and no likelihood: never kept."""
+    n_prompts = scores.shape[1]
+    best, worst, passed = pick_pairs(scores, threshold)
+    passed = passed & (std.flatten(1)[:, 0] > 0)
+    columns = torch.arange(n_prompts, device=scores.device)
+    view = candidates.view(-1, n_prompts, *candidates.shape[1:])
+    return {"x_t": branch_x[passed].cpu(), "x_w": view[best, columns][passed].cpu(),
+            "x_l": view[worst, columns][passed].cpu(), "t": branch_t.expand(n_prompts)[passed].cpu().long(),
+            "prompt": columns[passed].cpu()}
+
+
+def gather(transitions, ddp, world_size):
+    """Every rank's transitions, on every rank, in the order of their prompts (global indices) and steps."""
+    if not ddp:
+        return transitions
+    parts = [None] * world_size
+    dist.all_gather_object(parts, transitions)
+    out = {key: torch.cat([p[key] for p in parts]) for key in transitions}
+    order = sorted(range(len(out["t"])), key=lambda j: (int(out["prompt"][j]), -int(out["t"][j])))
+    return {key: v[order] for key, v in out.items()}
+
+
+# -----------------------------------------------------------------------------
+# The log-ratios of the loss
+
+
+def log_ratios(args, raw_unet, unet, ddim, batch, both, cond, method):
+    """(D_w, D_l), (B,) fp32: lp_theta - lp_ref of winner and loser, in latent or NCP space (see the docstring).
+    One guided policy forward (with grad, through DDP) and one guided reference forward serve both images."""
+    x_t, x_w, x_l, t = batch["x_t"], batch["x_w"], batch["x_l"], batch["t"]
+    eps = guided_eps(unet, x_t, t, both, args.guidance_scale)
+    with torch.no_grad(), encoder.base_weights(raw_unet):
+        ref_eps = guided_eps(raw_unet, x_t, t, both, args.guidance_scale)
+    mu, std, _ = ddim_step(ddim, x_t, t, eps)
+    ref_mu, _, _ = ddim_step(ddim, x_t, t, ref_eps)
+    var = std.flatten(1)[:, 0] ** 2  # (B,)
+    delta = mu - ref_mu
+    if args.space == "latent":  # m keeps its grad here: the gradient is that of lp_theta exactly
+        return [((x.float() - (mu + ref_mu) / 2) * delta).mean(dim=(1, 2, 3)) / var for x in (x_w, x_l)]
+    mid = (mu.detach() + ref_mu) / 2  # the primal point of the linearisation: a constant, as in encoder.py
+    t_prev = (t - ddim.config.num_train_timesteps // ddim.num_inference_steps).clamp(min=0)
+    dtype = next(raw_unet.parameters()).dtype
+    depth = args.encoder_depth
+    if method == "direct":  # -(d(x, mu) - d(x, ref_mu)) / (2 sigma^2), four encoder passes (fp32)
+        with torch.no_grad():
+            e_w, e_l, e_ref = encoder.encode(raw_unet, torch.cat([x_w, x_l, ref_mu.to(dtype)]), t_prev.repeat(3),
+                                             sample.repeat_cond(cond, 3), depth).float().chunk(3)
+        e_mu = encoder.encode(raw_unet, mu.to(dtype), t_prev, cond, depth).float()
+        # d(x, mu) - d(x, ref_mu) = mean((e_ref - e_mu) * (2 e_x - e_mu - e_ref)): the same number, without the
+        # cancellation of two large means
+        return [((e_mu - e_ref) * (2 * e_x - e_mu - e_ref)).mean(dim=(1, 2, 3)) / (2 * var) for e_x in (e_w, e_l)]
+    # half precision: mean((E(x) - E(m)) * J_E(m) Delta) / sigma^2, the tangent at its own scale
+    with torch.no_grad():
+        e_w, e_l, e_mid = encoder.encode(raw_unet, torch.cat([x_w, x_l, mid]).to(dtype), t_prev.repeat(3),
+                                         sample.repeat_cond(cond, 3), depth).float().chunk(3)
+    scale = delta.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)
+    tangent = (delta / scale).to(dtype).contiguous()
+    j_delta = encoder.encode(raw_unet, mid.to(dtype).contiguous(), t_prev, cond, depth, tangent=tangent).float() * scale
+    return [((e_x - e_mid) * j_delta).mean(dim=(1, 2, 3)) / var for e_x in (e_w, e_l)]
+
+
+def checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args, position, iteration_lora):
+    """Everything a resume needs: LoRA, optimizer, schedule, scaler, step, the iteration and the steps taken in it,
+    the LoRA that iteration sampled with (when steps were taken in it), totals, args."""
+    return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "iteration": position[0], "iteration_step": position[1],
+            "iteration_lora": iteration_lora if position[1] else None, "totals": totals, "args": run_args(args)}
+
+
+def main(args):
+    # -------------------------------------------------------------------------
+    # Distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs one process.
+    ddp, rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
+    cuda, master = device.type == "cuda", rank == 0
+
+    # -------------------------------------------------------------------------
+    # Check, then read the prompts and load the models (local rank 0 first: one download per node).
+    args, ckpt, prompts, validation, dtype, models, preference = load_run(args, ddp, local_rank, world_size, master,
+                                                                          device)
+    accum = args.global_batch_size // (args.micro_batch_size * world_size)
+    per_epoch = math.ceil(len(prompts) / args.prompts_per_iteration)
+    iterations = args.epochs * per_epoch
+    os.makedirs(args.output_dir, exist_ok=True)
+    print0 = logger(os.path.join(args.output_dir, "log.txt") if master else None)
+    print0(f"prompts: {len(prompts)}, {per_epoch} iterations of {args.prompts_per_iteration} an epoch, "
+           f"{args.epochs} epochs")
+    print0(f"{OBJECTIVE} in {args.space} space | {args.model} | preference model {args.preference_model} | "
+           f"k {args.candidates}, threshold {args.threshold} | world {world_size} x micro {args.micro_batch_size} x "
+           f"accum {accum} = {args.global_batch_size} transitions/step | {args.precision}")
+    if ckpt is not None and args.changed_on_resume:
+        print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
+    report = sample.Reporter(args.report_to if master else "none", args.output_dir, run_args(args))
+
+    # -------------------------------------------------------------------------
+    # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.
+    from diffusers import DDIMScheduler
+
+    raw_unet = models.unet
+    ddim = DDIMScheduler.from_config(models.scheduler.config)
+    ddim.set_timesteps(args.steps)
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank
+    lora = sample.add_lora(raw_unet, args.lora_rank)  # {name: fp32 parameter}
+    lora_params = list(lora.values())
+    if args.gradient_checkpointing:
+        raw_unet.enable_gradient_checkpointing()
+    unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    ncp_method = encoder.method_for(dtype)  # "jvp" in half precision: see the module docstring
+    empty = sample.encode_prompt(models, [""], target_size=[args.resolution] * 2)  # the unconditional prompt
+
+    # -------------------------------------------------------------------------
+    # Optimizer, schedule, resume.
+    optimizer, lr_schedule, scaler = make_optimizer(args, lora_params, device)
+    step, totals = 0, {"kept_transitions": 0, "dropped_transitions": 0, "nonfinite_steps": 0}
+    iteration, iteration_step, iteration_lora = 0, 0, None
+    if ckpt is not None:
+        step, totals = restore(ckpt, lora, optimizer, lr_schedule, scaler, args.lr)
+        iteration, iteration_step, iteration_lora = ckpt["iteration"], ckpt["iteration_step"], ckpt["iteration_lora"]
+        print0(f"resumed from {args.output_dir}/checkpoint.pt at step {step} (iteration {iteration}, "
+               f"{iteration_step} steps into it)")
+
+    def save():
+        if master:
+            save_atomic(args, raw_unet, checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args,
+                                                         (iteration, iteration_step), iteration_lora))
+        if ddp:
+            dist.barrier()
+
+    stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): stop at the next micro-batch or denoising step, save, exit
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, frame: stop.append((s, time.time())))
+
+    # -------------------------------------------------------------------------
+    # Training loop: sample an iteration's transitions with the current policy, then train one pass over them.
+    window, window_steps, window_start = {}, 0, time.time()  # metrics summed since the last log line
+    stopping = 0  # the signal that stopped the run (0: none)
+    max_steps = args.max_steps or float("inf")
+    if master and validation and ckpt is None:
+        path, seconds = validate(models, validation, args, step, report, autocast)
+        print0(f"validation grid {path}: {seconds:.1f} s")
+    bar = tqdm(total=iterations, initial=iteration, disable=not master, desc=OBJECTIVE, unit="iteration",
+               dynamic_ncols=True)
+    while iteration < iterations and step < max_steps and not stopping:
+        # This iteration's prompts: a seeded permutation per epoch, prompts_per_iteration of it, dealt over the ranks.
+        epoch, position = divmod(iteration, per_epoch)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+        chosen = order[position * args.prompts_per_iteration:(position + 1) * args.prompts_per_iteration].tolist()
+        mine = chosen[rank::world_size]
+        current = {n: p.detach().clone() for n, p in lora.items()}
+        if iteration_step:  # resumed inside this iteration: sample it again with the LoRA it sampled with
+            set_lora(lora, iteration_lora)
+        iteration_lora = {n: p.detach().cpu().clone() for n, p in lora.items()}
+        start = time.time()
+        unet.eval()
+        with autocast:
+            found = sample_transitions(models, raw_unet, preference, ddim, [prompts[i] for i in mine],
+                                       [prompt_seed(args.seed, iteration, i) for i in mine], args, empty,
+                                       lambda: stop_signal(stop, ddp, device))
+        set_lora(lora, current)
+        if found is None:
+            stopping = stop_signal(stop, ddp, device)
+            print0(f"{signal.Signals(stopping).name}: stopping during the sampling of iteration {iteration}")
+            break
+        local, timing = found
+        local["prompt"] = torch.tensor(mine, dtype=torch.long)[local["prompt"]]  # global prompt indices
+        transitions = gather(local, ddp, world_size)
+        n = len(transitions["t"])
+        steps_here = n // args.global_batch_size
+        shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(prompt_seed(args.seed, iteration, 2**32)))
+        if not iteration_step:
+            totals["kept_transitions"] += n
+            totals["dropped_transitions"] += n - steps_here * args.global_batch_size
+        scores = timing["scores"].to(device)
+        if ddp:
+            gathered = [torch.zeros(2, device=device) for _ in range(world_size)]
+            dist.all_gather(gathered, torch.stack([scores.sum(), torch.tensor(float(len(scores)), device=device)]))
+            scores_mean = (sum(g[0] for g in gathered) / sum(g[1] for g in gathered)).item()
+        else:
+            scores_mean = scores.mean().item()
+        sample_time = time.time() - start
+
+        unet.train()
+        train_start = time.time()
+        while iteration_step < steps_here and step < max_steps:
+            step_metrics = {}
+            for micro in range(accum):
+                stopping = stop_signal(stop, ddp, device)  # every rank stops at the same micro-batch
+                if stopping:
+                    break
+                first = iteration_step * args.global_batch_size + (micro * world_size + rank) * args.micro_batch_size
+                rows = shuffle[first:first + args.micro_batch_size]
+                batch = {k: v[rows].to(device) for k, v in transitions.items()}
+                both, cond = text_cond(models, [prompts[i] for i in batch["prompt"].tolist()], args.resolution, empty)
+                sync = micro == accum - 1 or not ddp
+                with autocast, (nullcontext() if sync else unet.no_sync()):
+                    d_w, d_l = log_ratios(args, raw_unet, unet, ddim, batch, both, cond, ncp_method)
+                    loss, metrics = spo_loss(d_w, d_l, args.beta, args.eps)
+                    scaler.scale(loss / accum).backward()
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
+            if stopping:  # drop the partial accumulation: the LoRA and optimizer state of the last step are intact
+                optimizer.zero_grad(set_to_none=True)
+                print0(f"{signal.Signals(stopping).name}: stopping at step {step}, {micro} of {accum} micro-batches "
+                       "dropped")
+                break
+            step, grad_norm, lr = optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals)
+            iteration_step += 1
+            for k, v in step_metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+            window_steps += 1
+            if step % args.log_every == 0 or step % args.save_every == 0:
+                means = reduce_window(window, window_steps, ddp, world_size, device)
+                elapsed = (time.time() - window_start) / window_steps
+                record = {"step": step, "iteration": iteration, **means, "lr": lr, "step_time": elapsed,
+                          "peak_mem_gib": peak_memory(cuda), **totals}
+                if master:
+                    write_record(record, os.path.join(args.output_dir, "metrics.jsonl"), report, bar, print0)
+                window, window_steps, window_start = {}, 0, time.time()
+            if step % args.save_every == 0:
+                save()
+            if master and validation and step % args.validation_every == 0:
+                path, seconds = validate(models, validation, args, step, report, autocast)
+                print0(f"validation grid {path}: {seconds:.1f} s")
+                window_start += seconds
+        if stopping or iteration_step < steps_here:  # stopped, or --max-steps reached inside the iteration
+            break
+        if master:  # the iteration's own line: what sampling found and where the time went
+            record = {"iteration": iteration, "step": step, "transitions": n, "optimizer_steps": steps_here,
+                      "scores_mean": scores_mean, "sample_s": timing["sample_s"], "score_s": timing["score_s"],
+                      "gather_s": sample_time - timing["sample_s"] - timing["score_s"],
+                      "train_s": time.time() - train_start}
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        iteration, iteration_step = iteration + 1, 0
+        bar.update(1)
+
+    # -------------------------------------------------------------------------
+    bar.close()
+    if window_steps:
+        means = reduce_window(window, window_steps, ddp, world_size, device)
+        if master:
+            write_record({"step": step, "iteration": iteration, **means, **totals},
+                         os.path.join(args.output_dir, "metrics.jsonl"), report, bar, print0)
+    save()
+    if stopping:
+        print0(f"checkpoint of step {step} saved {time.time() - stop[0][1]:.1f} s after the signal" if stop else
+               f"checkpoint of step {step} saved; continue with --resume")
+    if ddp:  # a cheap proof that the ranks stayed in step
+        print0(f"LoRA weights identical on all {world_size} ranks: {ranks_agree(lora_params, world_size, device)}")
+    print0(f"done: step {step}, iteration {iteration}, LoRA in {args.output_dir}/{sample.LORA_FILE}")
+    report.close()
+    if ddp:
+        dist.destroy_process_group()
+    if stopping:
+        sys.exit(128 + stopping)
+
+
+if __name__ == "__main__":
+    main(parse_args())
