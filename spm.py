@@ -235,7 +235,8 @@ def save(model, path):
 def main():
     p = argparse.ArgumentParser(description="Score images with a step-aware preference model.")
     p.add_argument("--weights", help=f"a .bin from {RELEASED} (none: the backbone at the identity)")
-    p.add_argument("--backbone", default=PICKSCORE, help="CLIPModel hub id or directory, or tiny (default: %(default)s)")
+    p.add_argument("--backbone", default=PICKSCORE,
+                   help="CLIPModel hub id or directory, or tiny (default: %(default)s)")
     p.add_argument("--processor", default=PROCESSOR, help="tokenizer and image processor (default: %(default)s)")
     p.add_argument("--image", nargs="+", required=True, help="image files")
     p.add_argument("--prompt", required=True, help="the prompt, for every image")

@@ -101,7 +101,8 @@ def ddim_step(scheduler, x_t, t, eps, eta=ETA):
     abar = scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)
     prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_t = abar[t].view(-1, 1, 1, 1)
-    a_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.full_like(abar[t], float(scheduler.final_alpha_cumprod)))
+    final = torch.full_like(abar[t], float(scheduler.final_alpha_cumprod))  # past the first timestep
+    a_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], final)
     a_prev = a_prev.view(-1, 1, 1, 1)
     x0 = (x_t.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
@@ -125,11 +126,14 @@ def pick_pairs(scores, threshold):
 
 PRESETS = {
     "sd15": dict(resolution=512, prompts_per_iteration=40, global_batch_size=40, micro_batch_size=10, lr=6e-5,
-                 warmup_steps=0, epochs=10, lora_rank=4, candidates=4, threshold=0.3, gradient_checkpointing=False),
+                 warmup_steps=0, epochs=10, lora_rank=4, candidates=4, inner_steps=0, threshold=0.3,
+                 gradient_checkpointing=False),
     "sdxl": dict(resolution=1024, prompts_per_iteration=8, global_batch_size=16, micro_batch_size=2, lr=1e-5,
-                 warmup_steps=0, epochs=10, lora_rank=64, candidates=2, threshold=0.4, gradient_checkpointing=True),
+                 warmup_steps=0, epochs=10, lora_rank=64, candidates=2, inner_steps=3, threshold=0.4,
+                 gradient_checkpointing=True),
     "tiny": dict(resolution=32, prompts_per_iteration=4, global_batch_size=8, micro_batch_size=4, lr=1e-3,
-                 warmup_steps=0, epochs=2, lora_rank=8, candidates=2, threshold=0.0, gradient_checkpointing=False),
+                 warmup_steps=0, epochs=2, lora_rank=8, candidates=2, inner_steps=0, threshold=0.0,
+                 gradient_checkpointing=False),
 }
 BETA = {"latent": 10.0, "ncp": 10.0}  # the authors' 10 for latents; ncp: see --beta
 # On --resume the flags not given take the checkpoint's values; these may be given anew.
@@ -170,6 +174,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, help="keep a pair when its softmax gap exceeds this "
                    + preset("threshold"))
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps (default: %(default)s)")
+    p.add_argument("--inner-steps", type=int, help="steps each candidate takes on its own before the scoring "
+                   + preset("inner_steps"))
     p.add_argument("--branch-from", type=int, default=4,
                    help="plain sampling steps before the candidates start (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=5.0,
@@ -198,7 +204,8 @@ def parse_args(argv=None):
     # run
     p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/spo-SPACE-MODEL)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed for the LoRA init, prompt order, sampling noise and transition order (default: %(default)s)")
+                   help="seed of the LoRA init, prompt order, sampling noise and transition order (default: "
+                   "%(default)s)")
     p.add_argument("--save-every", type=int, default=50,
                    help="checkpoint every N optimizer steps, and at the end (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=10,
@@ -245,6 +252,8 @@ def check_run(args):
     for key, low in (("candidates", 2), ("steps", 2), ("prompts_per_iteration", 1), ("epochs", 1)):
         if getattr(args, key) < low:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least {low}")
+    if args.inner_steps < 0:
+        raise ValueError(f"--inner-steps {args.inner_steps} must not be negative")
     if not 0 <= args.branch_from < args.steps:
         raise ValueError(f"--branch-from {args.branch_from} must be between 0 and --steps - 1 = {args.steps - 1}")
     if not 0 < args.eps < 1:
@@ -508,46 +517,59 @@ def sample_transitions(models, unet, preference, ddim, prompts, seeds, args, emp
     """Run SPO's sampling for P prompts; returns (kept transitions, {"sample_s", "score_s", "scores"}) or None if
     stopped() said so between two denoising steps.
 
+    From step --branch-from on, k candidates are drawn from the one current x_t. With --inner-steps m (the authors'
+    SDXL setting, 3) each candidate then takes m more steps on its own before the candidates are scored, and a kept
+    pair holds all m + 1 transitions of winner and loser (only the first pair shares its x_t); with m = 0 (SD1.5)
+    they are scored at the very next step. Then sampling goes on from one candidate at random and branches again.
+    The last candidates are clean images, scored at t = 0.
+
     Each prompt draws all its noise and its random continuations from a generator of its own seed, so what it finds
     does not depend on the other prompts of its batch or the rank it ran on. Candidates are stored candidate-major:
-    row j * P + p is candidate j of prompt p. Transitions: {"x_t", "x_w", "x_l" (n, C, h, w), "t" (n,), "prompt"
-    (n,) index into `prompts`}, on the CPU."""
+    row j * P + p is candidate j of prompt p. Transitions: {"x_t", "x_w", "x_t_l", "x_l" (n, C, h, w): the winner's
+    and the loser's x_t and x_{t-1}; "t" (n,); "prompt" (n,) index into `prompts`}, on the CPU."""
     device, n_prompts, k = models.unet.device, len(prompts), args.candidates
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
     shape = (models.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
     noise = lambda: torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # noqa: E731
     both, _ = text_cond(models, prompts, args.resolution, empty)
     ddim.set_timesteps(args.steps, device=device)
+    last = len(ddim.timesteps) - 1
     x = noise()
     kept, scores_seen, score_s, start = [], [], 0.0, time.time()
-    branch_x = branch_t = None  # the shared x_t of the current candidates, and its timestep
+    segment, inner_left = [], 0  # the candidates' transitions since they branched: (x_t, x_{t-1}, t, std), k * P rows
     for i, t in enumerate(ddim.timesteps):
         n = len(x) // n_prompts  # 1, or k candidates per prompt
         eps = guided_eps(unet, x, t, sample.repeat_cond(both, n), args.guidance_scale)
         mean, std, x0 = ddim_step(ddim, x, t.expand(len(x)), eps)
-        if n > 1:  # score the candidates by their x0 at their own timestep t, keep a pair, go on from one at random
+        if n > 1 and inner_left == 0 and not (i == last and args.inner_steps):
+            # the candidates' x0 at their own timestep t: score, keep a pair, go on from one of them at random
             score_start = time.time()
             scores = score(models, preference, x0, prompts * n, t).view(n, n_prompts)
             score_s += time.time() - score_start
             scores_seen.append(scores.flatten())
-            kept.append(keep(x, scores, branch_x, branch_t, args.threshold, std_branch))
+            kept.append(keep(segment, scores, args.threshold))
             chosen = torch.stack([torch.randint(n, (), generator=g, device=device) for g in gens])
             rows = chosen * n_prompts + torch.arange(n_prompts, device=device)
-            x, mean, std = x[rows], mean[rows], std[rows]
-        if i >= args.branch_from:  # k candidates of x_{t-1} from the one x_t
-            branch_x, branch_t, std_branch = x, t, std
-            draws = torch.stack([noise() for _ in range(k)])  # (k, P, ...): [j, p] is prompt p's j-th draw
-            x = mean.repeat(k, 1, 1, 1) + std.repeat(k, 1, 1, 1) * draws.flatten(0, 1)
+            x, mean, std, n = x[rows], mean[rows], std[rows], 1
+        branch = n == 1 and i >= args.branch_from
+        draws = torch.stack([noise() for _ in range(k if branch or n > 1 else 1)])  # [j, p]: prompt p's j-th draw
+        if branch:  # k candidates of x_{t-1} from the one x_t
+            x_next = mean.repeat(k, 1, 1, 1) + std.repeat(k, 1, 1, 1) * draws.flatten(0, 1)
+            segment, inner_left = [(x.repeat(k, 1, 1, 1), x_next, t, std.repeat(k, 1, 1, 1))], args.inner_steps
+        elif n > 1:  # an inner step: each candidate on its own
+            x_next = mean + std * draws.flatten(0, 1)
+            segment.append((x, x_next, t, std))
+            inner_left -= 1
         else:
-            x = mean + std * noise()
+            x_next = mean + std * draws[0]
+        x = x_next
         if stopped():
             return None
-    # the last candidates are clean images: scored as they are, at t = 0
     score_start = time.time()
     scores = score(models, preference, x, prompts * k, 0).view(k, n_prompts)
     score_s += time.time() - score_start
     scores_seen.append(scores.flatten())
-    kept.append(keep(x, scores, branch_x, branch_t, args.threshold, std_branch))
+    kept.append(keep(segment, scores, args.threshold))
     out = {key: torch.cat([part[key] for part in kept]) for key in kept[0]}
     order = sorted(range(len(out["t"])), key=lambda j: (int(out["prompt"][j]), -int(out["t"][j])))
     out = {key: v[order] for key, v in out.items()}
@@ -562,17 +584,21 @@ def score(models, preference, latents, prompts, t):
         return preference.score(pixels.float(), prompts, int(t))
 
 
-def keep(candidates, scores, branch_x, branch_t, threshold, std):
-    """The transitions of one branching step whose pair passes the threshold, on the CPU. A step of std 0 (the last
-    step when the scheduler's final alpha is 1) has identical candidates and no likelihood: never kept."""
+def keep(segment, scores, threshold):
+    """The transitions of a segment whose winner and loser (by scores (k, P)) pass the threshold, on the CPU. A step of
+    std 0 (the last step when the scheduler's final alpha is 1) is deterministic and has no likelihood: never kept."""
     n_prompts = scores.shape[1]
     best, worst, passed = pick_pairs(scores, threshold)
-    passed = passed & (std.flatten(1)[:, 0] > 0)
     columns = torch.arange(n_prompts, device=scores.device)
-    view = candidates.view(-1, n_prompts, *candidates.shape[1:])
-    return {"x_t": branch_x[passed].cpu(), "x_w": view[best, columns][passed].cpu(),
-            "x_l": view[worst, columns][passed].cpu(), "t": branch_t.expand(n_prompts)[passed].cpu().long(),
-            "prompt": columns[passed].cpu()}
+    out = {key: [] for key in ("x_t", "x_w", "x_t_l", "x_l", "t", "prompt")}
+    for x_t, x_prev, t, std in segment:
+        rows = passed & (std.view(-1, n_prompts)[0].flatten() > 0)
+        x_t, x_prev = x_t.view(-1, n_prompts, *x_t.shape[1:]), x_prev.view(-1, n_prompts, *x_prev.shape[1:])
+        for key, value in (("x_t", x_t[best, columns]), ("x_w", x_prev[best, columns]),
+                           ("x_t_l", x_t[worst, columns]), ("x_l", x_prev[worst, columns]),
+                           ("t", t.expand(n_prompts).long()), ("prompt", columns)):
+            out[key].append(value[rows].cpu())
+    return {key: torch.cat(v) for key, v in out.items()}
 
 
 def gather(transitions, ddp, world_size):
@@ -592,37 +618,50 @@ def gather(transitions, ddp, world_size):
 
 def log_ratios(args, raw_unet, unet, ddim, batch, both, cond, method):
     """(D_w, D_l), (B,) fp32: lp_theta - lp_ref of winner and loser, in latent or NCP space (see the docstring).
-    One guided policy forward (with grad, through DDP) and one guided reference forward serve both images."""
-    x_t, x_w, x_l, t = batch["x_t"], batch["x_w"], batch["x_l"], batch["t"]
-    eps = guided_eps(unet, x_t, t, both, args.guidance_scale)
-    with torch.no_grad(), encoder.base_weights(raw_unet):
-        ref_eps = guided_eps(raw_unet, x_t, t, both, args.guidance_scale)
-    mu, std, _ = ddim_step(ddim, x_t, t, eps)
-    ref_mu, _, _ = ddim_step(ddim, x_t, t, ref_eps)
+    When winner and loser share their x_t (always, unless --inner-steps), one guided policy forward (with grad,
+    through DDP) and one guided reference forward serve both."""
+    t = batch["t"]
+    shared = torch.equal(batch["x_t"], batch["x_t_l"])
+    moves = []  # for each distinct x_t: the policy's and the reference's DDIM means
+    for x_t in [batch["x_t"]] if shared else [batch["x_t"], batch["x_t_l"]]:
+        eps = guided_eps(unet, x_t, t, both, args.guidance_scale)
+        with torch.no_grad(), encoder.base_weights(raw_unet):
+            ref_eps = guided_eps(raw_unet, x_t, t, both, args.guidance_scale)
+        mu, std, _ = ddim_step(ddim, x_t, t, eps)
+        moves.append((mu, ddim_step(ddim, x_t, t, ref_eps)[0]))
     var = std.flatten(1)[:, 0] ** 2  # (B,)
-    delta = mu - ref_mu
-    if args.space == "latent":  # m keeps its grad here: the gradient is that of lp_theta exactly
-        return [((x.float() - (mu + ref_mu) / 2) * delta).mean(dim=(1, 2, 3)) / var for x in (x_w, x_l)]
-    mid = (mu.detach() + ref_mu) / 2  # the primal point of the linearisation: a constant, as in encoder.py
+    sides = [(batch["x_w"], 0), (batch["x_l"], 0 if shared else 1)]  # each image with the index of its x_t's move
+    if args.space == "latent":  # m = (mu + ref_mu) / 2 keeps its grad here: the gradient is that of lp_theta exactly
+        return [((x.float() - (mu + ref_mu) / 2) * (mu - ref_mu)).mean(dim=(1, 2, 3)) / var
+                for x, (mu, ref_mu) in ((x, moves[j]) for x, j in sides)]
     t_prev = (t - ddim.config.num_train_timesteps // ddim.num_inference_steps).clamp(min=0)
-    dtype = next(raw_unet.parameters()).dtype
-    depth = args.encoder_depth
-    if method == "direct":  # -(d(x, mu) - d(x, ref_mu)) / (2 sigma^2), four encoder passes (fp32)
-        with torch.no_grad():
-            e_w, e_l, e_ref = encoder.encode(raw_unet, torch.cat([x_w, x_l, ref_mu.to(dtype)]), t_prev.repeat(3),
-                                             sample.repeat_cond(cond, 3), depth).float().chunk(3)
-        e_mu = encoder.encode(raw_unet, mu.to(dtype), t_prev, cond, depth).float()
-        # d(x, mu) - d(x, ref_mu) = mean((e_ref - e_mu) * (2 e_x - e_mu - e_ref)): the same number, without the
-        # cancellation of two large means
-        return [((e_mu - e_ref) * (2 * e_x - e_mu - e_ref)).mean(dim=(1, 2, 3)) / (2 * var) for e_x in (e_w, e_l)]
-    # half precision: mean((E(x) - E(m)) * J_E(m) Delta) / sigma^2, the tangent at its own scale
+    dtype, depth = next(raw_unet.parameters()).dtype, args.encoder_depth
+    def encode(x, tangent=None):  # E(x, t', c) with the base weights, x holding one or more rows per transition
+        times = len(x) // len(t)
+        return encoder.encode(raw_unet, x.to(dtype).contiguous(), t_prev.repeat(times), sample.repeat_cond(cond, times),
+                              depth, tangent).float()
+
     with torch.no_grad():
-        e_w, e_l, e_mid = encoder.encode(raw_unet, torch.cat([x_w, x_l, mid]).to(dtype), t_prev.repeat(3),
-                                         sample.repeat_cond(cond, 3), depth).float().chunk(3)
-    scale = delta.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)
-    tangent = (delta / scale).to(dtype).contiguous()
-    j_delta = encoder.encode(raw_unet, mid.to(dtype).contiguous(), t_prev, cond, depth, tangent=tangent).float() * scale
-    return [((e_x - e_mid) * j_delta).mean(dim=(1, 2, 3)) / var for e_x in (e_w, e_l)]
+        e_x = encode(torch.cat([x for x, _ in sides])).chunk(2)  # E(x_w), E(x_l)
+    if method == "direct":  # -(d(x, mu) - d(x, ref_mu)) / (2 sigma^2) in fp32, with
+        # d(x, mu) - d(x, ref_mu) = mean((e_ref - e_mu) * (2 e_x - e_mu - e_ref)): no cancellation of two large means
+        features = []
+        for mu, ref_mu in moves:
+            with torch.no_grad():
+                e_ref = encode(ref_mu)
+            features.append((encode(mu), e_ref))
+        return [((features[j][0] - features[j][1]) * (2 * e - features[j][0] - features[j][1])).mean(dim=(1, 2, 3))
+                / (2 * var) for e, (_, j) in zip(e_x, sides)]
+    # half precision: mean((E(x) - E(m)) * J_E(m) Delta) / sigma^2, m a constant for the gradient (as in encoder.py),
+    # the tangent passed at unit scale per sample
+    linear = []
+    for mu, ref_mu in moves:
+        mid, delta = (mu.detach() + ref_mu) / 2, mu - ref_mu
+        with torch.no_grad():
+            e_mid = encode(mid)
+        scale = delta.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)
+        linear.append((e_mid, encode(mid, tangent=(delta / scale).to(dtype).contiguous()) * scale))
+    return [((e - linear[j][0]) * linear[j][1]).mean(dim=(1, 2, 3)) / var for e, (_, j) in zip(e_x, sides)]
 
 
 def checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args, position, iteration_lora):

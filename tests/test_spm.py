@@ -92,7 +92,8 @@ def test_released_format_loads_strictly_and_bad_files_fail_clearly(tmp_path):
     state["model.text_model.embeddings.position_ids"] = torch.arange(16)[None]
     state["model.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
     assert any(k.startswith("model.vision_model.encoder.layers.0.adaLN_modulation.1.") for k in state)
-    assert {"model.t_embedder.mlp.0.weight", "model.t_embedder.mlp.2.bias", "model.vision_model.adaLN_modulation.1.weight"} <= set(state)
+    assert {"model.t_embedder.mlp.0.weight", "model.t_embedder.mlp.2.bias",
+            "model.vision_model.adaLN_modulation.1.weight"} <= set(state)
     torch.save(state, tmp_path / "released.bin")
     loaded = spm.load(str(tmp_path / "released.bin"), backbone="tiny")
     with torch.no_grad():

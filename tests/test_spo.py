@@ -92,19 +92,23 @@ def test_loss_matches_the_authors_form_is_ln2_at_init_and_clamps():
     assert d.grad[:2].abs().max() == 0 and (d.grad[2:] > 0).all()
 
 
-def transitions(models, n=2, seed=0):
-    """A batch of transitions as sampling leaves them: x_t, and two draws of the base model's DDIM step from it."""
+def transitions(models, n=2, seed=0, shared=True):
+    """A batch of transitions as sampling leaves them: from x_t (and, unless shared, the loser's own x_t), draws of
+    the base model's DDIM step."""
     scheduler = ddim()
     g = torch.Generator().manual_seed(seed)
     t = scheduler.timesteps[[4, 9]][:n]
     x_t = torch.randn(n, 4, 16, 16, generator=g)
+    x_t_l = x_t if shared else torch.randn(n, 4, 16, 16, generator=g)
     empty = sample.encode_prompt(models, [""], target_size=[128, 128])
     both, cond = spo.text_cond(models, ["a red circle", "a blue square"][:n], 128, empty)
-    with torch.no_grad():
-        eps = spo.guided_eps(models.unet, x_t, t, both, 5.0)
-    mean, std, _ = spo.ddim_step(scheduler, x_t, t, eps)
-    x_w, x_l = (mean + std * torch.randn(mean.shape, generator=g) for _ in range(2))
-    return scheduler, {"x_t": x_t, "x_w": x_w, "x_l": x_l, "t": t}, both, cond
+    batch = {"x_t": x_t, "x_t_l": x_t_l, "t": t}
+    for start, side in (("x_t", "x_w"), ("x_t_l", "x_l")):
+        with torch.no_grad():
+            eps = spo.guided_eps(models.unet, batch[start], t, both, 5.0)
+        mean, std, _ = spo.ddim_step(scheduler, batch[start], t, eps)
+        batch[side] = mean + std * torch.randn(mean.shape, generator=g)
+    return scheduler, batch, both, cond
 
 
 def perturbed_lora(models, scale=0.02, seed=1):
@@ -119,33 +123,34 @@ def args_for(space, depth="mid"):
     return SimpleNamespace(space=space, guidance_scale=5.0, encoder_depth=depth)
 
 
-def test_latent_log_ratio_is_the_gaussian_log_likelihood_ratio(models):
-    scheduler, batch, both, cond = transitions(models)
+@pytest.mark.parametrize("shared", [True, False])
+def test_latent_log_ratio_is_the_gaussian_log_likelihood_ratio(models, shared):
+    scheduler, batch, both, cond = transitions(models, shared=shared)
     perturbed_lora(models)
     d_w, d_l = spo.log_ratios(args_for("latent"), models.unet, models.unet, scheduler, batch, both, cond, "direct")
     # the oracle: diffusers' DDIM means of the policy and the reference, and the Gaussian log density with its
     # constants, mean over C, H, W (the authors' lp)
-    with torch.no_grad():
-        eps = spo.guided_eps(models.unet, batch["x_t"], batch["t"], both, 5.0)
-        with encoder.base_weights(models.unet):
-            ref_eps = spo.guided_eps(models.unet, batch["x_t"], batch["t"], both, 5.0)
     zero = torch.zeros_like(batch["x_t"][:1])
-    for side, d in (("x_w", d_w), ("x_l", d_l)):
+    for start, side, d in (("x_t", "x_w", d_w), ("x_t_l", "x_l", d_l)):
+        with torch.no_grad():
+            eps = spo.guided_eps(models.unet, batch[start], batch["t"], both, 5.0)
+            with encoder.base_weights(models.unet):
+                ref_eps = spo.guided_eps(models.unet, batch[start], batch["t"], both, 5.0)
         for i, t in enumerate(batch["t"]):
             lp = []
             for e in (eps[i:i + 1], ref_eps[i:i + 1]):
-                out = scheduler.step(e.double(), t, batch["x_t"][i:i + 1].double(), eta=1.0, variance_noise=zero)
-                mean = out.prev_sample
-                sigma = spo.ddim_step(scheduler, batch["x_t"][i:i + 1], t.view(1), e)[1].double()
+                x_t = batch[start][i:i + 1]
+                mean = scheduler.step(e.double(), t, x_t.double(), eta=1.0, variance_noise=zero).prev_sample
+                sigma = spo.ddim_step(scheduler, x_t, t.view(1), e)[1].double()
                 x = batch[side][i:i + 1].double()
                 lp.append((-(x - mean) ** 2 / (2 * sigma ** 2) - sigma.log() - 0.5 * math.log(2 * math.pi)).mean())
             torch.testing.assert_close(d[i].double(), lp[0] - lp[1], rtol=2e-3, atol=1e-6)
     assert d_w.abs().min() > 0  # the policy differs from the base: a real test of the ratio
 
 
-@pytest.mark.parametrize("method", ["direct", "jvp"])
-def test_ncp_log_ratios_equal_latent_ones_when_the_encoder_is_the_identity(models, method, monkeypatch):
-    scheduler, batch, both, cond = transitions(models)
+@pytest.mark.parametrize("method,shared", [("direct", True), ("jvp", True), ("jvp", False)])
+def test_ncp_log_ratios_equal_latent_ones_when_the_encoder_is_the_identity(models, method, shared, monkeypatch):
+    scheduler, batch, both, cond = transitions(models, shared=shared)
     perturbed_lora(models)
     latent = spo.log_ratios(args_for("latent"), models.unet, models.unet, scheduler, batch, both, cond, "direct")
 
@@ -182,11 +187,11 @@ def test_log_ratios_are_zero_when_policy_is_the_reference(models):
         assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
 
 
-def run_sampling(models, preference, prompts, seeds, k=2, threshold=0.0, stopped=lambda: False):
+def run_sampling(models, preference, prompts, seeds, k=2, threshold=0.0, stopped=lambda: False, inner=0):
     from diffusers import DDIMScheduler
 
     args = SimpleNamespace(candidates=k, resolution=32, steps=8, branch_from=2, guidance_scale=5.0,
-                           threshold=threshold)
+                           threshold=threshold, inner_steps=inner)
     empty = sample.encode_prompt(models, [""], target_size=[32, 32])
     return spo.sample_transitions(models, models.unet, preference, DDIMScheduler.from_config(models.scheduler.config),
                                   prompts, seeds, args, empty, stopped)
@@ -202,7 +207,7 @@ def test_sampling_is_deterministic_and_a_prompts_transitions_do_not_depend_on_it
     mine = both["prompt"] == 1
     assert mine.sum() == len(alone["t"]) > 0
     for key in ("x_t", "x_w", "x_l", "t"):
-        torch.testing.assert_close(both[key][mine], alone[key], rtol=1e-4, atol=1e-4)  # float sums differ with the batch
+        torch.testing.assert_close(both[key][mine], alone[key], rtol=1e-4, atol=1e-4)  # batched sums
     # 8 steps: 876, 751, ..., 1; branching from step 2 (t = 626) on. The tiny scheduler's last step has std 0 (its
     # final alpha is 1), so its pair is never kept: 5 per prompt, threshold 0 keeping the rest
     assert both["t"].tolist() == [t for _ in prompts for t in [626, 501, 376, 251, 126]]
@@ -236,6 +241,19 @@ def test_sampling_keeps_only_pairs_over_the_threshold_and_the_winner_scores_high
             s.append(torch.stack([spo.score(models, preference, x0[i:i + 1], captions[i:i + 1], t_next[i])[0]
                                   for i in range(len(x0))]))
     assert (s[0] >= s[1] - 1e-4).all()
+
+
+def test_inner_steps_keep_each_candidates_own_trajectory(models):
+    found, _ = run_sampling(models, spm.build_tiny(), ["a red circle", "a blue square"], [5, 6], k=2, inner=2)
+    # 876, 751 plain; branch at 626, two inner steps (501, 376), scored at 251; branch at 251, inner 126 and 1, scored
+    # clean at 0 (the step at 1 has std 0 and is dropped)
+    assert found["t"].tolist() == [626, 501, 376, 251, 126] * 2
+    for p in range(2):
+        mine = {k: v[found["prompt"] == p] for k, v in found.items()}
+        shares = [torch.equal(a, b) for a, b in zip(mine["x_t"], mine["x_t_l"])]
+        assert shares == [True, False, False, True, False]  # only a branching step shares its x_t
+        for a, b in ((0, 1), (1, 2), (3, 4)):  # each side goes on from where it was
+            assert torch.equal(mine["x_t"][b], mine["x_w"][a]) and torch.equal(mine["x_t_l"][b], mine["x_l"][a])
 
 
 def test_sampling_stops_when_asked(models):
