@@ -26,6 +26,7 @@ prompts, t); preference_loss(scores_w, scores_l); save(model, path) in the relea
 
 import argparse
 import math
+import os
 import pickle
 
 import torch
@@ -189,6 +190,8 @@ def load(weights=None, backbone=PICKSCORE, processor=PROCESSOR, device="cpu", dt
     else:
         from transformers import CLIPModel, CLIPProcessor
 
+        if os.path.isfile(os.path.join(backbone, "preprocessor_config.json")):
+            processor = backbone  # a local CLIP saved with its processor
         try:
             clip, proc = CLIPModel.from_pretrained(backbone), CLIPProcessor.from_pretrained(processor)
         except OSError as e:

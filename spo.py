@@ -32,6 +32,14 @@ J_E(m) Delta is one forward-mode pass, shared by winner and loser; E(x_w), E(x_l
 identity both lines are the same number: the NCP loss keeps the latent loss's scaling, 1 / sigma_t^2, and only
 beta changes with the feature scale (see --beta).
 
+--beta in NCP space is 2, chosen by measurement on the toy model (benchmarks/toy_spo.py): for 480 transitions
+sampled with its trained preference model and a policy a little off the base, the median |D^ncp| was 5.0x the
+median |D^latent| (1.44e-5 against 2.87e-6; 2.4x to 8.5x across the timesteps). 10 / 5 gives beta * D the spread
+the authors' beta 10 gives the latent loss. The two log-ratios correlate only at 0.24 (0.34-0.65 within one
+timestep): NCP measures the move differently, not on another scale. eps stays 0.1, since it bounds each side's own
+likelihood ratio in either space, and sigma enters as in the latent loss, so that with E the identity the two
+losses are one. The ratio depends on the encoder's gain: on another model, measure it (toy_spo.measure_scale).
+
 The reference is the U-Net with its LoRA adapters disabled; one policy and one reference forward (each a guided
 pair) serve both images of a transition, as they share x_t.
 
@@ -135,7 +143,7 @@ PRESETS = {
                  warmup_steps=0, epochs=2, lora_rank=8, candidates=2, inner_steps=0, threshold=0.0,
                  gradient_checkpointing=False),
 }
-BETA = {"latent": 10.0, "ncp": 10.0}  # the authors' 10 for latents; ncp: see --beta
+BETA = {"latent": 10.0, "ncp": 2.0}  # the authors' 10 for latents; ncp: see the module docstring
 # On --resume the flags not given take the checkpoint's values; these may be given anew.
 RESUME_MAY_CHANGE = ["max_steps", "epochs", "micro_batch_size", "lr", "save_every", "log_every", "report_to",
                      "validation_prompts", "validation_every", "dist_timeout", "beta", "eps"]
@@ -154,7 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="sdxl",
                    help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
     p.add_argument("--preference-model", default="tiny", help="the step-aware preference model: a .bin of "
-                   f"{spm.RELEASED} (with --spm-backbone), or tiny (random, for a CPU run) (default: %(default)s)")
+                   f"{spm.RELEASED} (with --spm-backbone); identity: the backbone alone, PickScore not told the step; "
+                   "tiny: random, for a CPU run (default: %(default)s)")
     p.add_argument("--spm-backbone", help=f"the CLIP the .bin was trained from (default: {spm.PICKSCORE}; tiny for "
                    "--preference-model tiny or a .bin saved from a tiny one)")
     p.add_argument("--encoder-depth", choices=["down", "mid"], help="--space ncp's encoder: the down blocks, or "
@@ -258,7 +267,7 @@ def check_run(args):
         raise ValueError(f"--branch-from {args.branch_from} must be between 0 and --steps - 1 = {args.steps - 1}")
     if not 0 < args.eps < 1:
         raise ValueError(f"--eps {args.eps} must be between 0 and 1")
-    if args.preference_model != "tiny" and not os.path.isfile(args.preference_model):
+    if args.preference_model not in ("tiny", "identity") and not os.path.isfile(args.preference_model):
         raise ValueError(f"--preference-model {args.preference_model}: no such file (download the .bin of "
                          f"{spm.RELEASED}, or pass tiny)")
     path = os.path.join(args.output_dir, "checkpoint.pt")
@@ -449,7 +458,7 @@ def load_run(args, ddp, local_rank, world_size, master, device):
         validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
         sample.check_reporter(args.report_to)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-        preference = spm.load(None if args.preference_model == "tiny" else args.preference_model,
+        preference = spm.load(None if args.preference_model in ("tiny", "identity") else args.preference_model,
                               args.spm_backbone, device=device)  # fp32: its keep rule compares small gaps
         loaded = (args, ckpt, prompts, validation, dtype, sample.load_models(args.model, dtype, device), preference)
     except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
@@ -530,9 +539,17 @@ def sample_transitions(models, unet, preference, ddim, prompts, seeds, args, emp
     device, n_prompts, k = models.unet.device, len(prompts), args.candidates
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
     shape = (models.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
+    ddim.set_timesteps(args.steps, device=device)
+    if not prompts:  # a rank left without prompts (the end of an epoch): it still takes part in every collective
+        for _ in ddim.timesteps:
+            if stopped():
+                return None
+        empty_images = torch.zeros(0, *shape)
+        return ({"x_t": empty_images, "x_w": empty_images, "x_t_l": empty_images, "x_l": empty_images,
+                 "t": torch.zeros(0, dtype=torch.long), "prompt": torch.zeros(0, dtype=torch.long)},
+                {"sample_s": 0.0, "score_s": 0.0, "scores": torch.zeros(0)})
     noise = lambda: torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # noqa: E731
     both, _ = text_cond(models, prompts, args.resolution, empty)
-    ddim.set_timesteps(args.steps, device=device)
     last = len(ddim.timesteps) - 1
     x = noise()
     kept, scores_seen, score_s, start = [], [], 0.0, time.time()

@@ -110,3 +110,19 @@ def test_sample_speed_times_each_batch_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"1", "2"} and all(r["images_per_s"] > 0 and r["seconds"] > 0 for r in results.values())
+
+
+def test_spo_cost_splits_an_iteration_on_the_tiny_model(tmp_path):
+    out = tmp_path / "spo_cost.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "spo_cost.py"), "--model", "tiny", "--prompts", "2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.load(open(out))["results"]
+    assert set(results) == {"latent", "ncp"}
+    for r in results.values():
+        # 20 steps from step 4 on: 16 comparisons a prompt, the last (deterministic, std 0) never kept
+        assert r["transitions"] == 2 * 15 == r["trained"]
+        assert all(r[k] > 0 for k in ("sample_s", "score_s", "train_s"))
+        assert abs(sum(r["shares"].values()) - 1) < 1e-9

@@ -1,6 +1,7 @@
 """spo.py: the DDIM step against diffusers, the pair rule, the loss against SPO's published form, the NCP-space
 log-ratios against the latent ones, sampling's independence of the batch, and whole runs under torchrun."""
 
+import json
 import math
 import os
 import subprocess
@@ -256,12 +257,31 @@ def test_inner_steps_keep_each_candidates_own_trajectory(models):
             assert torch.equal(mine["x_t"][b], mine["x_w"][a]) and torch.equal(mine["x_t_l"][b], mine["x_l"][a])
 
 
+def test_a_rank_without_prompts_returns_no_transitions_and_still_asks_to_stop(models):
+    calls = []
+    found, info = run_sampling(models, spm.build_tiny(), [], [], stopped=lambda: calls.append(1) and False)
+    assert len(calls) == 8 and len(found["t"]) == 0 and found["x_w"].shape == (0, 4, 4, 4)
+    assert info["scores"].numel() == 0
+
+
 def test_sampling_stops_when_asked(models):
     assert run_sampling(models, spm.build_tiny(), ["a red circle"], [0], stopped=lambda: True) is None
 
 
 # -----------------------------------------------------------------------------
 # Whole runs
+
+
+def assert_lora_changes_the_pipeline(kind, folder, tmp_path):
+    """The LoRA in `folder` loads into the diffusers pipeline of a tiny model of this kind and changes its images."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(sample.save_pipeline(sample.build_tiny(kind), str(tmp_path / "pipe")))
+    run = lambda: pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",  # noqa: E731
+                       generator=torch.Generator().manual_seed(0)).images
+    before = run()
+    pipe.load_lora_weights(str(folder))
+    assert abs(run() - before).max() > 0
 
 
 @pytest.fixture(scope="module")
@@ -272,25 +292,18 @@ def straight(tmp_path_factory):
 
 
 def test_torchrun_run_and_its_lora_loads_in_diffusers(straight, tmp_path):
-    from diffusers import DiffusionPipeline
-
     out, proc = straight
     assert "spo in ncp space" in proc.stdout and "identical on all 2 ranks: True" in proc.stdout
-    rows = [r for r in map(__import__("json").loads, open(out / "metrics.jsonl")) if "loss" in r]
+    rows = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
-    pipe = DiffusionPipeline.from_pretrained(sample.save_pipeline(sample.build_tiny("sd15"), str(tmp_path / "pipe")))
-    run = lambda: pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",  # noqa: E731
-                       generator=torch.Generator().manual_seed(0)).images
-    before = run()
-    pipe.load_lora_weights(str(out))
-    assert abs(run() - before).max() > 0
+    assert_lora_changes_the_pipeline("sd15", out, tmp_path)
 
 
 def test_torchrun_resume_inside_an_iteration_equals_the_straight_run(straight, tmp_path):
     from safetensors.torch import load_file
 
     out, proc = straight
-    steps = max(r["step"] for r in map(__import__("json").loads, open(out / "metrics.jsonl")))
+    steps = max(r["step"] for r in map(json.loads, open(out / "metrics.jsonl")))
     spo_train(tmp_path, "--model", "tiny", "--space", "ncp", "--max-steps", "3", nproc=2)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 0 and ckpt["iteration_step"] == 3 and ckpt["iteration_lora"] is not None
@@ -301,17 +314,10 @@ def test_torchrun_resume_inside_an_iteration_equals_the_straight_run(straight, t
 
 
 def test_tiny_sdxl_torchrun_run_resumes_and_loads_in_the_sdxl_pipeline(tmp_path):
-    from diffusers import DiffusionPipeline
-
     spo_train(tmp_path, "--model", "tiny-sdxl", "--max-steps", "2", nproc=2)
     proc = spo_train(tmp_path, "--model", "tiny-sdxl", "--max-steps", "4", "--resume", nproc=2)
     assert "spo in ncp space" in proc.stdout and "at step 2" in proc.stdout and "done: step 4" in proc.stdout
-    pipe = DiffusionPipeline.from_pretrained(sample.save_pipeline(sample.build_tiny("sdxl"), str(tmp_path / "pipe")))
-    run = lambda: pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",  # noqa: E731
-                       generator=torch.Generator().manual_seed(0)).images
-    before = run()
-    pipe.load_lora_weights(str(tmp_path))
-    assert abs(run() - before).max() > 0
+    assert_lora_changes_the_pipeline("sdxl", tmp_path, tmp_path)
 
 
 def test_bad_input_fails_at_once_with_one_line(tmp_path):
