@@ -190,16 +190,17 @@ def load(weights=None, backbone=PICKSCORE, processor=PROCESSOR, device="cpu", dt
     else:
         from transformers import CLIPModel, CLIPProcessor
 
-        if os.path.isfile(os.path.join(backbone, "preprocessor_config.json")):
+        saved = ("preprocessor_config.json", "processor_config.json")
+        if any(os.path.isfile(os.path.join(backbone, name)) for name in saved):
             processor = backbone  # a local CLIP saved with its processor
         try:
             clip, proc = CLIPModel.from_pretrained(backbone), CLIPProcessor.from_pretrained(processor)
         except OSError as e:
             raise ValueError(f"could not load the preference model's CLIP {backbone} / {processor}: "
                              f"{str(e).splitlines()[0]}") from None
-        crop = proc.image_processor.crop_size
-        model = StepAwarePreferenceModel(clip, proc.tokenizer, crop["height"] if isinstance(crop, dict) else crop,
-                                         proc.image_processor.image_mean, proc.image_processor.image_std)
+        size = int(proc.image_processor.size["shortest_edge"])  # SPO resizes and centre-crops to this size
+        model = StepAwarePreferenceModel(clip, proc.tokenizer, size, proc.image_processor.image_mean,
+                                         proc.image_processor.image_std)
     if weights:
         load_weights(model, weights)
     return model.requires_grad_(False).eval().to(device=device, dtype=dtype)

@@ -43,8 +43,8 @@ losses are one. The ratio depends on the encoder's gain: on another model, measu
 The reference is the U-Net with its LoRA adapters disabled; one policy and one reference forward (each a guided
 pair) serve both images of a transition, as they share x_t.
 
-    python spo.py --model tiny --preference-model tiny --data synthetic        # a first run on a CPU
-    torchrun --nproc_per_node=2 spo.py --model tiny --preference-model tiny --data synthetic --space ncp
+    python spo.py --model tiny --preference-model tiny                 # a first run on a CPU: synthetic prompts
+    torchrun --nproc_per_node=2 spo.py --model tiny --preference-model tiny --space ncp
     torchrun --nproc_per_node=4 spo.py --model sdxl --preference-model PATH/sdxl_step-aware_preference_model.bin
     torchrun --nproc_per_node=4 spo.py --model sd15 --preference-model PATH/sd-v1-5_step-aware_preference_model.bin \
         --prompts spo_prompts.txt --space latent                            # the authors' SPO
@@ -172,8 +172,9 @@ def parse_args(argv=None):
     # prompts
     p.add_argument("--prompts", help="the training prompts: a text file (one a line), a .tsv with a Prompt column, "
                    "or a split name of --data (default: --split of --data)")
-    p.add_argument("--data", default=data.PICKAPIC, help="a preference source whose captions are the prompts "
-                   "(any format data.py reads), or synthetic (default: %(default)s)")
+    p.add_argument("--data", help="a preference source whose captions are the prompts (any format data.py reads; "
+                   "a hub id fetches the whole split), or synthetic (default: synthetic for the tiny models, else "
+                   f"{data.PICKAPIC})")
     p.add_argument("--split", default="train", help="its split (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="sampling resolution in pixels " + preset("resolution"))
     # sampling and the preference pairs
@@ -246,6 +247,7 @@ def fill_defaults(args, kind):
     args.encoder_depth = args.encoder_depth or encoder.DEPTHS[kind]
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     args.beta = BETA[args.space] if args.beta is None else args.beta
+    args.data = args.data or ("synthetic" if args.model.startswith("tiny") else data.PICKAPIC)
     if args.spm_backbone is None:
         args.spm_backbone = "tiny" if args.preference_model == "tiny" else spm.PICKSCORE
     model = os.path.basename(args.model.rstrip("/"))
@@ -515,6 +517,18 @@ def cat_cond(a, b):
     return {k: cat_cond(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
 
 
+def unconditional(models, resolution):
+    """The cond of the unconditional half of guidance, one row: the empty prompt's encoding for SD1.5 (as the
+    authors), zeros for SDXL (as SDXL's pipeline, force_zeros_for_empty_prompt, and the authors' SDXL script)."""
+    empty = sample.encode_prompt(models, [""], target_size=[resolution] * 2)
+    if models.kind == "sdxl":
+        added = empty["added_cond_kwargs"]
+        empty = {"encoder_hidden_states": torch.zeros_like(empty["encoder_hidden_states"]),
+                 "added_cond_kwargs": {"text_embeds": torch.zeros_like(added["text_embeds"]),
+                                       "time_ids": added["time_ids"]}}
+    return empty
+
+
 def text_cond(models, captions, resolution, empty):
     """cond for the guided U-Net call of these captions: the empty prompt's rows first, then the captions'."""
     cond = sample.encode_prompt(models, captions, target_size=[resolution] * 2)
@@ -729,7 +743,7 @@ def main(args):
     unet = DDP(raw_unet, device_ids=[local_rank] if cuda else None) if ddp else raw_unet
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     ncp_method = encoder.method_for(dtype)  # "jvp" in half precision: see the module docstring
-    empty = sample.encode_prompt(models, [""], target_size=[args.resolution] * 2)  # the unconditional prompt
+    empty = unconditional(models, args.resolution)
 
     # -------------------------------------------------------------------------
     # Optimizer, schedule, resume.

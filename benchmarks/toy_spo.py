@@ -112,7 +112,7 @@ def measure_scale(base, spm_path, seed, log, lora_scale=0.003):
     args = SimpleNamespace(candidates=4, resolution=32, steps=20, branch_from=4, guidance_scale=5.0, threshold=-1.0,
                            inner_steps=0, space="latent", encoder_depth="mid")
     ddim = DDIMScheduler.from_config(models.scheduler.config)
-    empty = sample.encode_prompt(models, [""], target_size=[32, 32])
+    empty = spo.unconditional(models, 32)
     found, _ = spo.sample_transitions(models, models.unet, preference, ddim, prompts,
                                       list(range(seed, seed + len(prompts))), args, empty, lambda: False)
     g = torch.Generator().manual_seed(seed)
@@ -175,7 +175,9 @@ def main():
     p.add_argument("--samples-per-color", type=int, default=16)
     p.add_argument("--also-measure", nargs="*", default=[], metavar="DIR",
                    help="other runs' output folders (toy_alignment.py's DPO runs) to measure both ways, at their end")
-    p.add_argument("--skip-runs", action="store_true", help="only the SPM, the scale and --also-measure")
+    p.add_argument("--skip-runs", action="store_true", help="only the SPM, the scale, --also-measure and the tables")
+    p.add_argument("--dpo-results", default=os.path.join(ROOT, "benchmarks/results/toy/results.json"),
+                   help="toy_alignment.py's results, whose DPO curves the plot draws beside SPO's")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "log.txt"), "a")
@@ -258,6 +260,36 @@ def main():
             lines.append(f"| {group} | {len(members)} | {name} | {dashes} | {cell} |")
     open(os.path.join(args.out, "spo_results.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(results, args.dpo_results, os.path.join(args.out, "radius.png"))
+
+
+def plot(results, dpo_results, path):
+    """Mean radius over seeds against the step, one panel per way of sampling: SPO's runs, and the DPO runs of
+    toy_alignment.py (their whole curve under Euler; under DDIM their end, measured here, drawn from the base)."""
+    import plot_metrics
+
+    panels = {"radius (px), Euler 25, guidance 1": {}, "radius (px), DDIM 20, guidance 5": {}}
+    curves = {}
+    for key, rows in results["runs"].items():
+        curves.setdefault(key.rsplit("-seed", 1)[0], []).append(rows)
+    for (title, panel), measure in zip(panels.items(), ("radius", "radius_ddim")):
+        for group, members in curves.items():
+            n = min(len(m) for m in members)
+            panel[group] = [(members[0][i]["step"], float(np.mean([m[i][measure] for m in members]))) for i in range(n)]
+    base = next(iter(results["runs"].values()))[0]
+    dpo = json.load(open(dpo_results))["runs"] if os.path.exists(dpo_results) else {}
+    ends = {}
+    for name, row in results.get("others", {}).items():
+        ends.setdefault(name.rsplit("-seed", 1)[0], []).append(row)
+    for group, members in ends.items():
+        runs = [rows for key, rows in dpo.items() if key.rsplit("-seed", 1)[0] == group]
+        if runs:
+            panels["radius (px), Euler 25, guidance 1"][group] = [
+                (runs[0][i]["step"], float(np.mean([r[i]["radius"] for r in runs]))) for i in range(len(runs[0]))]
+        end = max(step for step, _ in next(iter(panels["radius (px), DDIM 20, guidance 5"].values())))
+        panels["radius (px), DDIM 20, guidance 5"][group + " (end only)"] = [
+            (0, base["radius_ddim"]), (end, float(np.mean([m["radius_ddim"] for m in members])))]
+    plot_metrics.plot(panels, path, columns=2, size=(560, 380))
 
 
 if __name__ == "__main__":

@@ -116,3 +116,20 @@ def test_preference_loss_is_pickscores_two_way_cross_entropy():
     s_w, s_l = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
     expected = torch.tensor([-torch.log(torch.sigmoid(torch.tensor(1.0))), torch.log(torch.tensor(2.0))]).mean()
     torch.testing.assert_close(spm.preference_loss(s_w, s_l), expected)
+
+
+def test_a_backbone_directory_with_its_processor_loads_like_the_hub_layout(tmp_path):
+    """The non-tiny path of spm.load: a CLIPModel directory (as PickScore_v1 is) plus a processor (here saved beside
+    it, as the laion processor is fetched); its resize size comes from the processor."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    clip, tokenizer = spm.tiny_clip(0)
+    clip.save_pretrained(tmp_path)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                  tokenizer=tokenizer).save_pretrained(tmp_path)
+    loaded, built = spm.load(None, str(tmp_path)), spm.build_tiny(0)
+    assert loaded.image_size == 32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(images(), PROMPTS, 100), built.score(images(), PROMPTS, 100))
+    with pytest.raises(ValueError, match="could not load"):
+        spm.load(None, str(tmp_path / "nothing"))

@@ -17,8 +17,8 @@ import spm
 import spo
 from helpers import ROOT, env
 
-SPO_FAST = ["--data", "synthetic", "--preference-model", "tiny", "--log-every", "1", "--save-every", "1000",
-            "--epochs", "1"]
+# --data is left to the tiny models' default, synthetic
+SPO_FAST = ["--preference-model", "tiny", "--log-every", "1", "--save-every", "1000", "--epochs", "1"]
 
 
 def spo_train(out, *args, nproc=1, check=True):
@@ -67,6 +67,17 @@ def test_pick_pairs_takes_best_and_worst_and_the_softmax_gap():
     assert spo.pick_pairs(torch.ones(2, 1), 0.0)[2].tolist() == [False]  # equal scores never make a pair
 
 
+def test_the_unconditional_half_is_the_empty_prompt_for_sd15_and_zeros_for_sdxl(models):
+    empty = spo.unconditional(models, 64)
+    if models.kind == "sd15":
+        torch.testing.assert_close(empty["encoder_hidden_states"],
+                                   sample.encode_prompt(models, [""])["encoder_hidden_states"], rtol=0, atol=0)
+    else:
+        added = empty["added_cond_kwargs"]
+        assert empty["encoder_hidden_states"].abs().max() == 0 and added["text_embeds"].abs().max() == 0
+        assert empty["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+
+
 def authors_loss(lp_w, ref_lp_w, lp_l, ref_lp_l, beta, eps):
     """The loss as SPO's training code writes it, from log-probabilities."""
     ratio_0 = torch.clamp(torch.exp(lp_w - ref_lp_w), 1 - eps, 1 + eps)
@@ -101,7 +112,7 @@ def transitions(models, n=2, seed=0, shared=True):
     t = scheduler.timesteps[[4, 9]][:n]
     x_t = torch.randn(n, 4, 16, 16, generator=g)
     x_t_l = x_t if shared else torch.randn(n, 4, 16, 16, generator=g)
-    empty = sample.encode_prompt(models, [""], target_size=[128, 128])
+    empty = spo.unconditional(models, 128)
     both, cond = spo.text_cond(models, ["a red circle", "a blue square"][:n], 128, empty)
     batch = {"x_t": x_t, "x_t_l": x_t_l, "t": t}
     for start, side in (("x_t", "x_w"), ("x_t_l", "x_l")):
@@ -193,7 +204,7 @@ def run_sampling(models, preference, prompts, seeds, k=2, threshold=0.0, stopped
 
     args = SimpleNamespace(candidates=k, resolution=32, steps=8, branch_from=2, guidance_scale=5.0,
                            threshold=threshold, inner_steps=inner)
-    empty = sample.encode_prompt(models, [""], target_size=[32, 32])
+    empty = spo.unconditional(models, 32)
     return spo.sample_transitions(models, models.unet, preference, DDIMScheduler.from_config(models.scheduler.config),
                                   prompts, seeds, args, empty, stopped)
 
@@ -230,7 +241,7 @@ def test_sampling_keeps_only_pairs_over_the_threshold_and_the_winner_scores_high
 
     scheduler = DDIMScheduler.from_config(models.scheduler.config)
     scheduler.set_timesteps(8)
-    empty = sample.encode_prompt(models, [""], target_size=[32, 32])
+    empty = spo.unconditional(models, 32)
     captions = [["a red circle", "a blue square"][i] for i in found["prompt"].tolist()]
     both, _ = spo.text_cond(models, captions, 32, empty)
     t_next = found["t"] - 125
