@@ -601,10 +601,7 @@ def sample_transitions(models, unet, preference, ddim, prompts, seeds, args, emp
     score_s += time.time() - score_start
     scores_seen.append(scores.flatten())
     kept.append(keep(segment, scores, args.threshold))
-    out = {key: torch.cat([part[key] for part in kept]) for key in kept[0]}
-    order = sorted(range(len(out["t"])), key=lambda j: (int(out["prompt"][j]), -int(out["t"][j])))
-    out = {key: v[order] for key, v in out.items()}
-    return out, {"sample_s": time.time() - start - score_s, "score_s": score_s,
+    return in_order(kept), {"sample_s": time.time() - start - score_s, "score_s": score_s,
                  "scores": torch.cat(scores_seen).float().cpu()}
 
 
@@ -632,15 +629,20 @@ def keep(segment, scores, threshold):
     return {key: torch.cat(v) for key, v in out.items()}
 
 
+def in_order(parts):
+    """Transition dicts joined into one, ordered by prompt, then by step (t falling)."""
+    out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    order = sorted(range(len(out["t"])), key=lambda j: (int(out["prompt"][j]), -int(out["t"][j])))
+    return {key: v[order] for key, v in out.items()}
+
+
 def gather(transitions, ddp, world_size):
     """Every rank's transitions, on every rank, in the order of their prompts (global indices) and steps."""
     if not ddp:
         return transitions
     parts = [None] * world_size
     dist.all_gather_object(parts, transitions)
-    out = {key: torch.cat([p[key] for p in parts]) for key in transitions}
-    order = sorted(range(len(out["t"])), key=lambda j: (int(out["prompt"][j]), -int(out["t"][j])))
-    return {key: v[order] for key, v in out.items()}
+    return in_order(parts)
 
 
 # -----------------------------------------------------------------------------
@@ -667,10 +669,10 @@ def log_ratios(args, raw_unet, unet, ddim, batch, both, cond, method):
                 for x, (mu, ref_mu) in ((x, moves[j]) for x, j in sides)]
     t_prev = (t - ddim.config.num_train_timesteps // ddim.num_inference_steps).clamp(min=0)
     dtype, depth = next(raw_unet.parameters()).dtype, args.encoder_depth
-    def encode(x, tangent=None):  # E(x, t', c) with the base weights, x holding one or more rows per transition
+    def encode(x):  # E(x, t', c) with the base weights, x holding one or more rows per transition
         times = len(x) // len(t)
         return encoder.encode(raw_unet, x.to(dtype).contiguous(), t_prev.repeat(times), sample.repeat_cond(cond, times),
-                              depth, tangent).float()
+                              depth).float()
 
     with torch.no_grad():
         e_x = encode(torch.cat([x for x, _ in sides])).chunk(2)  # E(x_w), E(x_l)
@@ -684,14 +686,13 @@ def log_ratios(args, raw_unet, unet, ddim, batch, both, cond, method):
         return [((features[j][0] - features[j][1]) * (2 * e - features[j][0] - features[j][1])).mean(dim=(1, 2, 3))
                 / (2 * var) for e, (_, j) in zip(e_x, sides)]
     # half precision: mean((E(x) - E(m)) * J_E(m) Delta) / sigma^2, m a constant for the gradient (as in encoder.py),
-    # the tangent passed at unit scale per sample
+    # J_E(m) Delta by encoder.py's own JVP, which passes the tangent at unit scale per sample
     linear = []
     for mu, ref_mu in moves:
-        mid, delta = (mu.detach() + ref_mu) / 2, mu - ref_mu
+        mid = ((mu.detach() + ref_mu) / 2).to(dtype).contiguous()
         with torch.no_grad():
             e_mid = encode(mid)
-        scale = delta.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)
-        linear.append((e_mid, encode(mid, tangent=(delta / scale).to(dtype).contiguous()) * scale))
+        linear.append((e_mid, encoder._tangent(raw_unet, mid, t_prev, cond, depth, mu - ref_mu)))
     return [((e - linear[j][0]) * linear[j][1]).mean(dim=(1, 2, 3)) / var for e, (_, j) in zip(e_x, sides)]
 
 
@@ -808,12 +809,10 @@ def main(args):
             totals["kept_transitions"] += n
             totals["dropped_transitions"] += n - steps_here * args.global_batch_size
         scores = timing["scores"].to(device)
+        scores_sum = torch.stack([scores.sum(), torch.tensor(float(len(scores)), device=device)])  # sum, count
         if ddp:
-            gathered = [torch.zeros(2, device=device) for _ in range(world_size)]
-            dist.all_gather(gathered, torch.stack([scores.sum(), torch.tensor(float(len(scores)), device=device)]))
-            scores_mean = (sum(g[0] for g in gathered) / sum(g[1] for g in gathered)).item()
-        else:
-            scores_mean = scores.mean().item()
+            dist.all_reduce(scores_sum)
+        scores_mean = (scores_sum[0] / scores_sum[1]).item()
         sample_time = time.time() - start
 
         unet.train()
