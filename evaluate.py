@@ -4,12 +4,15 @@
     python sample.py --model sdxl --lora runs/dpo-ncp-sdxl-absolute-winners --prompts validation_unique \
         --out samples/ncp
     python evaluate.py samples/ncp samples/base [samples/dpo ...] --out report.json --markdown report.md
+    python evaluate.py samples/ncp samples/base --scorers all --html report/
 
 The folders come from sample.py over the same prompts and seeds, under the same protocol (refused otherwise);
 images pair up by file name. Win rate of A over B: for each prompt, the share of its images where A scores
 higher (image j against image j, ties half), averaged over prompts, with a 95% bootstrap interval over prompts.
-Mean scores are per prompt, then over prompts, with the same kind of interval. PickScore is CLIP-H's logit scale
-times the cosine similarity of image and prompt embeddings.
+Mean scores are per prompt, then over prompts, with the same kind of interval. Scorers: PickScore (CLIP-H's logit
+scale times the cosine of image and prompt embeddings), HPSv2.1 (OpenCLIP ViT-H-14's cosine, run in transformers'
+CLIP), ImageReward (BLIP, run in transformers' BLIP models), the LAION aesthetic predictor v2 and CLIP score; each
+preprocesses images as its reference does.
 """
 import argparse
 import json
@@ -27,7 +30,16 @@ CLIP = "openai/clip-vit-large-patch14"  # CLIP score, and the aesthetic head's i
 AESTHETIC = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/"
              "61f2f07a2b16be5ffb40a10ba5adae4a74c9d0d9/sac%2Blogos%2Bava1-l14-linearMSE.pth")
 AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
-SCORERS = ["pickscore", "clip", "aesthetic", "hpsv2"]
+# HPSv2.1: its OpenCLIP checkpoint (hub repo/file, or a local .pt), run in a transformers CLIPModel whose architecture and
+# tokenizer come from the HF copy of the OpenCLIP ViT-H-14 it was fine-tuned from (the processor PickScore uses).
+HPSV2 = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+HPSV2_BASE = PICKSCORE_PROCESSOR
+# ImageReward v1.0: the checkpoint and the BERT config of its BLIP text encoder, and BLIP's tokenizer.
+IMAGEREWARD = "THUDM/ImageReward/ImageReward.pt"
+IMAGEREWARD_CONFIG = "THUDM/ImageReward/med_config.json"
+IMAGEREWARD_TOKENIZER = "google-bert/bert-base-uncased"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SCORERS = ["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"]
 
 
 def read_index(folder):
@@ -122,28 +134,230 @@ class Aesthetic:
         self.clip = ClipModel(model, device)
         state = torch.load(sample.fetch_checked(head, "aesthetic head", sha256, "scorers"), map_location="cpu",
                            weights_only=True)
-        sizes = [state[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)]
-        drop = [0.2, 0.2, 0.1]
-        layers = []
-        for i, (out, inp) in enumerate(sizes):
-            layers += [torch.nn.Linear(inp, out)] + ([torch.nn.Dropout(drop[i])] if i < 3 else [])
-        self.head = torch.nn.Module()
-        self.head.layers = torch.nn.Sequential(*layers)  # the reference's keys: layers.0, .2, .4, .6, .7
-        self.head.load_state_dict(state, strict=True)
-        self.head.eval().to(device)
+        self.head = mlp_head(state).to(device)
 
     @torch.no_grad()
     def __call__(self, images, prompts):
         return self.head.layers(self.clip.images(images)).squeeze(-1).cpu()
 
 
-def hpsv2_scorer():
-    """HPSv2's score function when the hpsv2 package is installed, else None."""
-    try:
-        import hpsv2
-    except ImportError:
-        return None
-    return lambda images, prompts: torch.tensor([float(hpsv2.score(im, p)[0]) for im, p in zip(images, prompts)])
+def hub_file(spec):
+    """A local file as it is, or "owner/repo/path/in/repo" fetched from the hub (cached; HF_HUB_OFFLINE respected)."""
+    if os.path.isfile(spec):
+        return spec
+    if spec.startswith(("/", ".", "~")) or os.path.isabs(spec):
+        raise ValueError(f"no such file: {spec}")
+    parts = spec.split("/")
+    if len(parts) < 3:
+        raise ValueError(f"{spec} is neither a file nor owner/repo/file")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+
+
+def reference_pixels(images, size, letterbox=False):
+    """PIL images -> (N, 3, size, size), normalised with CLIP's mean and std, as the references' torchvision
+    transforms make them. Default (ImageReward): Resize(size, bicubic) of the PIL image, the short side to size and the
+    long one truncated, then CenterCrop(size), its offset rounded. letterbox (HPSv2's evaluation transform, its
+    ResizeMaxSize): ToTensor, an antialiased bicubic resize of the long side to size (the short one rounded), then
+    zeros padded evenly around it, the odd pixel to the right or bottom."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        image = image.convert("RGB")
+        w, h = image.size
+        if letterbox:
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1) / 255
+            scale = size / max(h, w)
+            if scale != 1.0:
+                new_h, new_w = round(h * scale), round(w * scale)
+                x = torch.nn.functional.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False,
+                                                    antialias=True)[0]
+                top, left = (size - new_h) // 2, (size - new_w) // 2
+                x = torch.nn.functional.pad(x, (left, size - new_w - left, top, size - new_h - top))
+        else:
+            new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+            if (new_w, new_h) != (w, h):
+                image = image.resize((new_w, new_h), Image.BICUBIC)
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(new_h, new_w, 3)
+            x = x.permute(2, 0, 1) / 255
+            top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+            x = x[:, top:top + size, left:left + size]
+        out.append(x.float())
+    return (torch.stack(out) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def mlp_head(state, prefix=""):
+    """The linear MLP head of the LAION aesthetic predictor and of ImageReward (Linear layers 0, 2, 4, 6, 7 with
+    dropout between, no activations), loaded strictly from state's `{prefix}layers.N.*` keys."""
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    sizes = [state[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)]
+    drop = [0.2, 0.2, 0.1]
+    layers = []
+    for i, (out, inp) in enumerate(sizes):
+        layers += [torch.nn.Linear(inp, out)] + ([torch.nn.Dropout(drop[i])] if i < 3 else [])
+    head = torch.nn.Module()
+    head.layers = torch.nn.Sequential(*layers)  # the reference's keys: layers.0, .2, .4, .6, .7
+    head.load_state_dict(state, strict=True)
+    return head.eval()
+
+
+def openclip_to_transformers(state):
+    """An OpenCLIP CLIP state dict (ViT image tower) -> the same weights under transformers' CLIPModel names: the
+    fused attention input projection split into q, k and v, the two output projections transposed. Raises ValueError
+    on a key it does not know."""
+    import re
+
+    names = {"visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+             "visual.class_embedding": "vision_model.embeddings.class_embedding",
+             "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+             "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+             "positional_embedding": "text_model.embeddings.position_embedding.weight", "logit_scale": "logit_scale"}
+    norms = {"visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
+             "ln_final": "text_model.final_layer_norm"}
+    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+             "mlp.c_proj": "mlp.fc2"}
+    out, unknown = {}, []
+    for key, value in state.items():
+        module, _, kind = key.rpartition(".")
+        layer = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", key)
+        if key in names:
+            out[names[key]] = value
+        elif key in ("visual.proj", "text_projection"):
+            out[f"{'visual' if key == 'visual.proj' else 'text'}_projection.weight"] = value.T
+        elif module in norms:
+            out[f"{norms[module]}.{kind}"] = value
+        elif key == "attn_mask":
+            continue  # the causal mask, a buffer
+        elif layer:
+            prefix = f"{'vision' if layer[1] else 'text'}_model.encoder.layers.{layer[2]}"
+            part, _, kind = layer[3].rpartition(".")
+            if layer[3] in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                for name, chunk in zip("qkv", value.chunk(3)):
+                    out[f"{prefix}.self_attn.{name}_proj.{layer[3].removeprefix('attn.in_proj_')}"] = chunk
+            elif part in block:
+                out[f"{prefix}.{block[part]}.{kind}"] = value
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"not an OpenCLIP ViT CLIP state dict: {len(unknown)} unknown keys ({unknown[:3]})")
+    return out
+
+
+class HPSv2:
+    """score(images, prompts) -> (N,) HPSv2.1: cos(image, prompt) of OpenCLIP ViT-H-14 fine-tuned on HPDv2, the value
+    hpsv2.score returns (papers often print it times 100). The checkpoint, an OpenCLIP state dict, runs here in a
+    transformers CLIPModel of the same architecture; images letterboxed, not cropped, as HPSv2's evaluation transform
+    makes them. base: a transformers CLIP directory or hub id giving the architecture and tokenizer (its weights are
+    not read)."""
+
+    def __init__(self, weights=HPSV2, base=HPSV2_BASE, device="cpu"):
+        from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+        config = CLIPConfig.from_pretrained(base)
+        config.text_config.hidden_act = config.vision_config.hidden_act = "gelu"  # OpenCLIP ViT-H-14: exact GELU
+        self.tokenizer = CLIPTokenizer.from_pretrained(base)
+        state = torch.load(hub_file(weights), map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
+        self.model = CLIPModel(config)
+        self.model.load_state_dict(openclip_to_transformers(state), strict=True)
+        self.model.eval().to(device)
+        self.size, self.device = config.vision_config.image_size, device
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        pixels = reference_pixels(images, self.size, letterbox=True).to(self.device)
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        image = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+        text = self.model.text_projection(self.model.text_model(**tokens).pooler_output)
+        unit = torch.nn.functional.normalize
+        return (unit(image.float(), dim=-1) * unit(text.float(), dim=-1)).sum(-1).cpu()
+
+
+def blip_vision_config(state):
+    """BLIP's ViT (its patch size, width, depth and image size read off the weights; 64-wide heads, as BLIP's base and
+    large ViTs have) as a transformers BlipVisionConfig."""
+    from transformers import BlipVisionConfig
+
+    width, patch = state["cls_token"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
+    return BlipVisionConfig(hidden_size=width, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
+                            num_hidden_layers=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                            num_attention_heads=width // 64, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6,
+                            image_size=patch * round((state["pos_embed"].shape[1] - 1) ** 0.5))
+
+
+def blip_vit_name(key):
+    """A key of BLIP's ViT (timm's layout) -> its name in transformers' BlipVisionModel. KeyError if unknown."""
+    names = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+             "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+             "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+    if key in names:
+        return names[key]
+    parts = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+             "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    blocks, i, rest = key.split(".", 2) if key.count(".") >= 2 else (key, "", "")
+    module, _, kind = rest.rpartition(".")
+    if blocks != "blocks" or module not in parts:
+        raise KeyError(key)
+    return f"encoder.layers.{i}.{parts[module]}.{kind}"
+
+
+class ImageReward:
+    """score(images, prompts) -> (N,) ImageReward v1.0: BLIP's BERT reads the prompt, cross-attending to BLIP's ViT image
+    tokens; its [CLS] state through the MLP head, standardised by the reference's mean and std. The checkpoint runs in
+    transformers' BLIP vision and text models (BLIP's own layout, keys renamed); images as ImageReward's transform.
+    Keys the reference does not use (BLIP's contrastive projections) are ignored, as its strict=False load does."""
+
+    MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the reference's standardisation of the raw head output
+    MAX_LENGTH = 35  # the reference's prompt length (padded to it, truncated at it)
+
+    def __init__(self, weights=IMAGEREWARD, config=IMAGEREWARD_CONFIG, tokenizer=IMAGEREWARD_TOKENIZER, device="cpu"):
+        from transformers import BertTokenizer, BlipTextConfig, BlipVisionModel
+        from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+        state = torch.load(hub_file(weights), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        vit = {k.removeprefix("blip.visual_encoder."): v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
+        text = {k.removeprefix("blip.text_encoder."): v for k, v in state.items()
+                if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")}
+        if not vit or not text:
+            raise ValueError("not an ImageReward checkpoint: no blip.visual_encoder.* or blip.text_encoder.* weights")
+        self.vision = BlipVisionModel(blip_vision_config(vit))
+        try:
+            vit = {blip_vit_name(k): v for k, v in vit.items()}
+        except KeyError as e:
+            raise ValueError(f"not BLIP's ViT: unknown key {e}") from None
+        self.vision.load_state_dict(vit, strict=True)
+        with open(hub_file(config)) as f:
+            med = json.load(f)
+        keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")
+        # transformers builds the cross-attention only for a decoder config; the forward below is an encoder's
+        # (is_decoder=False: no causal mask), as ImageReward's BLIP text encoder runs.
+        self.text = BlipTextModel(BlipTextConfig(**{k: med[k] for k in keep if k in med}, is_decoder=True,
+                                                 encoder_hidden_size=self.vision.config.hidden_size),
+                                  add_pooling_layer=False)
+        self.text.load_state_dict(text, strict=True)
+        self.head = mlp_head(state, "mlp.")
+        self.tokenizer = BertTokenizer.from_pretrained(tokenizer)
+        self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # as BLIP
+        for m in (self.vision, self.text, self.head):
+            m.eval().to(device)
+        self.size, self.device = self.vision.config.image_size, device
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        pixels = reference_pixels(images, self.size).to(self.device)
+        image = self.vision(pixel_values=pixels).last_hidden_state
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.MAX_LENGTH,
+                                return_tensors="pt").to(self.device)
+        out = self.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                        encoder_hidden_states=image, is_decoder=False).last_hidden_state[:, 0]
+        return ((self.head.layers(out.float()).squeeze(-1) - self.MEAN) / self.STD).cpu()
 
 
 def by_prompt(values, prompts):
@@ -282,13 +496,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="sample.py folders, same prompts and seeds (two or more; the first is "
                    "A of the printed lines)")
-    p.add_argument("--scorers", default="pickscore", help="comma-separated, or all: pickscore, clip (CLIP score), "
-                   "aesthetic (LAION v2), hpsv2 (needs the hpsv2 package) (default: %(default)s)")
+    p.add_argument("--scorers", default="pickscore", help="comma-separated, or all: pickscore, hpsv2 (HPSv2.1), "
+                   "imagereward, aesthetic (LAION v2), clip (CLIP score) (default: %(default)s)")
     p.add_argument("--clip-model", default=CLIP, help="CLIP for CLIP score and the aesthetic head (dir or hub id)")
     p.add_argument("--aesthetic-head", default=AESTHETIC, help="the aesthetic MLP's .pth (path or URL; the default is "
                    "checked by SHA-256)")
     p.add_argument("--pickscore-model", default=PICKSCORE, help="PickScore model (dir or hub id)")
     p.add_argument("--pickscore-processor", default=PICKSCORE_PROCESSOR, help="its CLIP processor (dir or hub id)")
+    p.add_argument("--hpsv2-weights", default=HPSV2, help="HPSv2 checkpoint: a .pt, or owner/repo/file on the hub")
+    p.add_argument("--hpsv2-base", default=HPSV2_BASE, help="transformers CLIP (dir or hub id) with HPSv2's "
+                   "architecture and tokenizer: OpenCLIP ViT-H-14")
+    p.add_argument("--imagereward-weights", default=IMAGEREWARD, help="ImageReward checkpoint: a .pt, or "
+                   "owner/repo/file on the hub")
+    p.add_argument("--imagereward-config", default=IMAGEREWARD_CONFIG, help="its text encoder's med_config.json")
+    p.add_argument("--imagereward-tokenizer", default=IMAGEREWARD_TOKENIZER, help="BLIP's BERT tokenizer (dir or hub "
+                   "id)")
     p.add_argument("--batch-size", type=int, default=16, help="images scored at once")
     p.add_argument("--allow-protocol-mismatch", action="store_true", help="compare folders sampled under different "
                    "protocols (sample.py --protocol)")
@@ -307,9 +529,9 @@ def load_scorer(name, args, device):
         return Aesthetic(args.aesthetic_head, args.clip_model, device,
                          AESTHETIC_SHA256 if args.aesthetic_head == AESTHETIC else None)
     if name == "hpsv2":
-        if (scorer := hpsv2_scorer()) is None:
-            raise ImportError("the hpsv2 package is not installed")
-        return scorer
+        return HPSv2(args.hpsv2_weights, args.hpsv2_base, device)
+    if name == "imagereward":
+        return ImageReward(args.imagereward_weights, args.imagereward_config, args.imagereward_tokenizer, device)
     raise ValueError(f"no scorer {name!r}; the scorers: {', '.join(SCORERS)}")
 
 
@@ -327,7 +549,9 @@ def main(args):
         try:
             scorers[name] = load_scorer(name, args, device)
         except Exception as e:  # any failure to load a scorer is the user's to fix: say which and why
-            where = f" ({args.pickscore_model} / {args.pickscore_processor})" if name == "pickscore" else ""
+            where = {"pickscore": f" ({args.pickscore_model} / {args.pickscore_processor})",
+                     "hpsv2": f" ({args.hpsv2_weights} / {args.hpsv2_base})",
+                     "imagereward": f" ({args.imagereward_weights})"}.get(name, "")
             sys.exit(f"error: cannot load the {name} scorer{where}: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}")
     prompts = [prompt for _, prompt in pairs]
