@@ -349,10 +349,19 @@ PROTOCOLS = {"ncp": dict(scheduler="euler", steps=50, guidance_scale=None, image
 
 # Named prompt sets: fetched once into the cache, and checked, so that everyone evaluates on the same prompts.
 # PartiPrompts (Apache-2.0): the TSV at the commit that last changed it, 1,632 prompts in its Prompt column.
-PROMPT_SETS = {"partiprompts": {
-    "url": "https://raw.githubusercontent.com/google-research/parti/2c99f6652cbc7f0d0441aa91f4c7e7055bcb0071/"
-           "PartiPrompts.tsv",
-    "sha256": "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb"}}
+# Named prompt sets: the files each is read from, and their SHA-256 where one was checked.
+HPS_STYLES = ["anime", "concept-art", "paintings", "photo"]
+PROMPT_SETS = {
+    "partiprompts": [("https://raw.githubusercontent.com/google-research/parti/2c99f6652cbc7f0d0441aa91f4c7e7055bcb0071/"
+                      "PartiPrompts.tsv", "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb")],
+    # HPSv2's benchmark: 800 prompts in each of four styles (hps-STYLE for one), from the dataset repository the
+    # hpsv2 package reads them from, in its order. No SHA-256 was checked for these files (README, Limits); the
+    # count of each is checked, and every sample folder keeps its prompts in index.json.
+    "hps": [(f"https://huggingface.co/datasets/zhwang/HPDv2/resolve/main/benchmark/{style}.json", None)
+            for style in HPS_STYLES],
+}
+PROMPT_SETS.update({f"hps-{style}": [file] for style, file in zip(HPS_STYLES, PROMPT_SETS["hps"])})
+SET_SIZES = {"hps": [800] * 4, **{f"hps-{style}": [800] for style in HPS_STYLES}}  # where no SHA-256 checks them
 
 
 def fetch_checked(source, what, sha256=None, folder="files"):
@@ -392,8 +401,13 @@ def read_prompts(spec, data_source=None):
     split name of a preference source, such as validation_unique (its unique captions, in order). Raises ValueError
     when there is none."""
     if spec in PROMPT_SETS:
-        spec = fetch_checked(PROMPT_SETS[spec]["url"], f"prompt set {spec}", PROMPT_SETS[spec]["sha256"], "prompts")
-    if not os.path.isfile(spec) and (os.sep in spec or spec.endswith((".txt", ".tsv"))):
+        files = [fetch_checked(url, f"prompt set {spec}", sha256, "prompts") for url, sha256 in PROMPT_SETS[spec]]
+        parts = [read_prompts(path) for path in files]
+        if [len(part) for part in parts] != SET_SIZES.get(spec, [len(part) for part in parts]):
+            raise ValueError(f"prompt set {spec} has {[len(part) for part in parts]} prompts, not {SET_SIZES[spec]}: "
+                             f"delete {os.path.dirname(files[0])} to fetch it again")
+        return [p for part in parts for p in part]
+    if not os.path.isfile(spec) and (os.sep in spec or spec.endswith((".txt", ".tsv", ".json"))):
         raise ValueError(f"no prompt file {spec}")  # a path, not a split name
     if os.path.isfile(spec):
         try:
@@ -408,6 +422,14 @@ def read_prompts(spec, data_source=None):
             if rows and "Prompt" not in rows[0]:
                 raise ValueError(f"{spec} has no Prompt column (columns: {list(rows[0])})")
             prompts = [r["Prompt"].strip() for r in rows]
+        elif spec.endswith(".json"):  # a JSON list of prompts, as HPSv2's benchmark files are
+            try:
+                prompts = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{spec} is not JSON: {e}") from None
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"{spec} is not a JSON list of prompts")
+            prompts = [p.strip() for p in prompts]
         else:
             prompts = [line.strip() for line in text.splitlines()]
     else:
@@ -531,8 +553,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id")
     p.add_argument("--lora", help="a training output dir holding pytorch_lora_weights.safetensors (none: the base)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA")
-    p.add_argument("--prompts", required=True, help="a text file, a .tsv with a Prompt column, partiprompts (fetched "
-                   "once and checked), or a split name of --data such as validation_unique")
+    p.add_argument("--prompts", required=True, help="a text file, a .tsv with a Prompt column, a .json list, a named "
+                   "set fetched once (partiprompts; hps, HPSv2's benchmark, or hps-anime, hps-concept-art, "
+                   "hps-paintings, hps-photo), or a split name of --data such as validation_unique")
     p.add_argument("--data", default=data.PICKAPIC, help="where --prompts SPLIT is read from (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder: images, index.json and grid.png")
     p.add_argument("--resolution", type=int, help="image size (default: the model's, 512 / 1024)")

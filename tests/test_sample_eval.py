@@ -73,7 +73,7 @@ def test_named_prompt_sets_are_fetched_once_and_checked(tmp_path, monkeypatch):
     published = "Prompt\tCategory\nA bear\tAnimals\nA red cube\tShapes\n".encode()
     (tmp_path / "server").mkdir()
     (tmp_path / "server" / "set.tsv").write_bytes(published)
-    spec = {"url": "file://" + str(tmp_path / "server" / "set.tsv"), "sha256": hashlib.sha256(published).hexdigest()}
+    spec = [("file://" + str(tmp_path / "server" / "set.tsv"), hashlib.sha256(published).hexdigest())]
     monkeypatch.setitem(sample.PROMPT_SETS, "myset", spec)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -88,7 +88,32 @@ def test_named_prompt_sets_are_fetched_once_and_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="not in .* and HF_HUB_OFFLINE=1"):
         sample.read_prompts("myset")
-    assert sample.PROMPT_SETS["partiprompts"]["url"].endswith("PartiPrompts.tsv")
+    assert sample.PROMPT_SETS["partiprompts"][0][0].endswith("PartiPrompts.tsv")
+
+
+def test_hps_benchmark_prompts_are_its_four_style_files_in_order(tmp_path, monkeypatch):
+    """`--prompts hps`: HPSv2's four JSON lists of 800 prompts each, in hpsv2's style order; hps-STYLE one of them.
+    With no SHA-256 to check them by, a file of another size is refused."""
+    assert [url.rsplit("/", 2)[1:] for url, _ in sample.PROMPT_SETS["hps"]] == \
+        [["benchmark", f"{s}.json"] for s in sample.HPS_STYLES]
+    (tmp_path / "server").mkdir()
+    sets = {}
+    for style in sample.HPS_STYLES:
+        (tmp_path / "server" / f"{style}.json").write_text(json.dumps([f"{style} {i} " for i in range(800)]))
+        sets[style] = ("file://" + str(tmp_path / "server" / f"{style}.json"), None)
+    monkeypatch.setitem(sample.PROMPT_SETS, "hps", [sets[s] for s in sample.HPS_STYLES])
+    monkeypatch.setitem(sample.PROMPT_SETS, "hps-paintings", [sets["paintings"]])
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    got = sample.read_prompts("hps")
+    assert len(got) == 3200 and got[0] == "anime 0" and got[800] == "concept-art 0" and got[-1] == "photo 799"
+    assert sample.read_prompts("hps-paintings") == [f"paintings {i}" for i in range(800)]
+    (tmp_path / "home" / "ncp" / "prompts" / "photo.json").write_text(json.dumps(["one", "two"]))  # truncated copy
+    with pytest.raises(ValueError, match=r"prompt set hps has \[800, 800, 800, 2\] prompts, not \[800, 800, 800, 800\]"):
+        sample.read_prompts("hps")
+    (tmp_path / "bad.json").write_text('{"prompt": "a"}')
+    with pytest.raises(ValueError, match="not a JSON list of prompts"):
+        sample.read_prompts(str(tmp_path / "bad.json"))
 
 
 def test_split_prompts_from_other_formats(tmp_path):
