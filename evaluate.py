@@ -30,8 +30,8 @@ CLIP = "openai/clip-vit-large-patch14"  # CLIP score, and the aesthetic head's i
 AESTHETIC = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/"
              "61f2f07a2b16be5ffb40a10ba5adae4a74c9d0d9/sac%2Blogos%2Bava1-l14-linearMSE.pth")
 AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
-# HPSv2.1: its OpenCLIP checkpoint (hub repo/file, or a local .pt), run in a transformers CLIPModel whose architecture and
-# tokenizer come from the HF copy of the OpenCLIP ViT-H-14 it was fine-tuned from (the processor PickScore uses).
+# HPSv2.1: its OpenCLIP checkpoint (hub repo/file, or a local .pt), run in a transformers CLIPModel whose architecture
+# and tokenizer come from the HF copy of the OpenCLIP ViT-H-14 it was fine-tuned from (the processor PickScore uses).
 HPSV2 = "xswu/HPSv2/HPS_v2.1_compressed.pt"
 HPSV2_BASE = PICKSCORE_PROCESSOR
 # ImageReward v1.0: the checkpoint and the BERT config of its BLIP text encoder, and BLIP's tokenizer.
@@ -307,10 +307,11 @@ def blip_vit_name(key):
 
 
 class ImageReward:
-    """score(images, prompts) -> (N,) ImageReward v1.0: BLIP's BERT reads the prompt, cross-attending to BLIP's ViT image
-    tokens; its [CLS] state through the MLP head, standardised by the reference's mean and std. The checkpoint runs in
-    transformers' BLIP vision and text models (BLIP's own layout, keys renamed); images as ImageReward's transform.
-    Keys the reference does not use (BLIP's contrastive projections) are ignored, as its strict=False load does."""
+    """score(images, prompts) -> (N,) ImageReward v1.0: BLIP's BERT reads the prompt, cross-attending to BLIP's ViT
+    image tokens; its [CLS] state through the MLP head, standardised by the reference's mean and std. The checkpoint
+    runs in transformers' BLIP vision and text models (BLIP's own layout, keys renamed); images as ImageReward's
+    transform. Keys the reference does not use (BLIP's contrastive projections) are ignored, as its strict=False
+    load does."""
 
     MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the reference's standardisation of the raw head output
     MAX_LENGTH = 35  # the reference's prompt length (padded to it, truncated at it)
@@ -321,7 +322,8 @@ class ImageReward:
 
         state = torch.load(hub_file(weights), map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
-        vit = {k.removeprefix("blip.visual_encoder."): v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
+        vit = {k.removeprefix("blip.visual_encoder."): v for k, v in state.items()
+               if k.startswith("blip.visual_encoder.")}
         text = {k.removeprefix("blip.text_encoder."): v for k, v in state.items()
                 if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")}
         if not vit or not text:
@@ -498,20 +500,25 @@ def parse_args(argv=None):
                    "A of the printed lines)")
     p.add_argument("--scorers", default="pickscore", help="comma-separated, or all: pickscore, hpsv2 (HPSv2.1), "
                    "imagereward, aesthetic (LAION v2), clip (CLIP score) (default: %(default)s)")
-    p.add_argument("--clip-model", default=CLIP, help="CLIP for CLIP score and the aesthetic head (dir or hub id)")
+    p.add_argument("--clip-model", default=CLIP, help="CLIP for CLIP score and the aesthetic head (dir or hub id) "
+                   "(default: %(default)s)")
     p.add_argument("--aesthetic-head", default=AESTHETIC, help="the aesthetic MLP's .pth (path or URL; the default is "
                    "checked by SHA-256)")
-    p.add_argument("--pickscore-model", default=PICKSCORE, help="PickScore model (dir or hub id)")
-    p.add_argument("--pickscore-processor", default=PICKSCORE_PROCESSOR, help="its CLIP processor (dir or hub id)")
-    p.add_argument("--hpsv2-weights", default=HPSV2, help="HPSv2 checkpoint: a .pt, or owner/repo/file on the hub")
+    p.add_argument("--pickscore-model", default=PICKSCORE, help="PickScore model (dir or hub id) (default: "
+                   "%(default)s)")
+    p.add_argument("--pickscore-processor", default=PICKSCORE_PROCESSOR, help="its CLIP processor (dir or hub id) "
+                   "(default: %(default)s)")
+    p.add_argument("--hpsv2-weights", default=HPSV2, help="HPSv2 checkpoint: a .pt, or owner/repo/file on the hub "
+                   "(default: %(default)s)")
     p.add_argument("--hpsv2-base", default=HPSV2_BASE, help="transformers CLIP (dir or hub id) with HPSv2's "
-                   "architecture and tokenizer: OpenCLIP ViT-H-14")
+                   "architecture and tokenizer: OpenCLIP ViT-H-14 (default: %(default)s)")
     p.add_argument("--imagereward-weights", default=IMAGEREWARD, help="ImageReward checkpoint: a .pt, or "
-                   "owner/repo/file on the hub")
-    p.add_argument("--imagereward-config", default=IMAGEREWARD_CONFIG, help="its text encoder's med_config.json")
+                   "owner/repo/file on the hub (default: %(default)s)")
+    p.add_argument("--imagereward-config", default=IMAGEREWARD_CONFIG, help="its text encoder's med_config.json "
+                   "(default: %(default)s)")
     p.add_argument("--imagereward-tokenizer", default=IMAGEREWARD_TOKENIZER, help="BLIP's BERT tokenizer (dir or hub "
-                   "id)")
-    p.add_argument("--batch-size", type=int, default=16, help="images scored at once")
+                   "id) (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images scored at once (default: %(default)s)")
     p.add_argument("--allow-protocol-mismatch", action="store_true", help="compare folders sampled under different "
                    "protocols (sample.py --protocol)")
     p.add_argument("--out", default="report.json", help="JSON report (written only when everything succeeded)")

@@ -352,8 +352,9 @@ PROTOCOLS = {"ncp": dict(scheduler="euler", steps=50, guidance_scale=None, image
 # Named prompt sets: the files each is read from, and their SHA-256 where one was checked.
 HPS_STYLES = ["anime", "concept-art", "paintings", "photo"]
 PROMPT_SETS = {
-    "partiprompts": [("https://raw.githubusercontent.com/google-research/parti/2c99f6652cbc7f0d0441aa91f4c7e7055bcb0071/"
-                      "PartiPrompts.tsv", "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb")],
+    "partiprompts": [("https://raw.githubusercontent.com/google-research/parti/"
+                      "2c99f6652cbc7f0d0441aa91f4c7e7055bcb0071/PartiPrompts.tsv",
+                      "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb")],
     # HPSv2's benchmark: 800 prompts in each of four styles (hps-STYLE for one), from the dataset repository the
     # hpsv2 package reads them from, in its order. No SHA-256 was checked for these files (README, Limits); the
     # count of each is checked, and every sample folder keeps its prompts in index.json.

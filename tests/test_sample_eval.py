@@ -109,7 +109,7 @@ def test_hps_benchmark_prompts_are_its_four_style_files_in_order(tmp_path, monke
     assert len(got) == 3200 and got[0] == "anime 0" and got[800] == "concept-art 0" and got[-1] == "photo 799"
     assert sample.read_prompts("hps-paintings") == [f"paintings {i}" for i in range(800)]
     (tmp_path / "home" / "ncp" / "prompts" / "photo.json").write_text(json.dumps(["one", "two"]))  # truncated copy
-    with pytest.raises(ValueError, match=r"prompt set hps has \[800, 800, 800, 2\] prompts, not \[800, 800, 800, 800\]"):
+    with pytest.raises(ValueError, match=r"hps has \[800, 800, 800, 2\] prompts, not \[800, 800, 800, 800\]"):
         sample.read_prompts("hps")
     (tmp_path / "bad.json").write_text('{"prompt": "a"}')
     with pytest.raises(ValueError, match="not a JSON list of prompts"):
