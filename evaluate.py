@@ -90,29 +90,39 @@ class PickScore:
 
 class ClipModel:
     """A transformers CLIP model and its processor (bicubic resize of the shorter side, centre crop, CLIP's
-    normalisation: the reference preprocessing of all CLIP-based scorers here), with normalised embeddings."""
+    normalisation: the reference preprocessing of CLIP score and the aesthetic head), with unit embeddings."""
 
     def __init__(self, model, device="cpu"):
         from transformers import CLIPModel, CLIPProcessor
 
         self.processor = CLIPProcessor.from_pretrained(model)
         self.model = CLIPModel.from_pretrained(model).eval().to(device)
-        self.device = device
 
     @torch.no_grad()
     def images(self, images):
-        """(N, D) unit image embeddings: the vision tower's pooled output through the visual projection."""
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-        embeds = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
-        return torch.nn.functional.normalize(embeds.float(), dim=-1)
+        """(N, D) unit image embeddings."""
+        return unit_image_embeds(self.model, self.processor(images=images, return_tensors="pt")["pixel_values"])
 
     @torch.no_grad()
     def texts(self, prompts):
         """(N, D) unit text embeddings (prompts truncated to the model's length)."""
-        tokens = self.processor(text=prompts, padding=True, truncation=True, return_tensors="pt")
-        out = self.model.text_model(input_ids=tokens["input_ids"].to(self.device),
-                                    attention_mask=tokens["attention_mask"].to(self.device))
-        return torch.nn.functional.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
+        return unit_text_embeds(self.model, self.processor(text=prompts, padding=True, truncation=True,
+                                                           return_tensors="pt"))
+
+
+def unit_image_embeds(model, pixels):
+    """(N, D) unit image embeddings of a transformers CLIPModel: the vision tower's pooled output through the visual
+    projection."""
+    pixels = pixels.to(model.logit_scale.device)
+    embeds = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    return torch.nn.functional.normalize(embeds.float(), dim=-1)
+
+
+def unit_text_embeds(model, tokens):
+    """(N, D) unit text embeddings of a transformers CLIPModel from its tokenizer's output."""
+    device = model.logit_scale.device
+    out = model.text_model(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+    return torch.nn.functional.normalize(model.text_projection(out.pooler_output).float(), dim=-1)
 
 
 class ClipScore:
@@ -163,13 +173,16 @@ def reference_pixels(images, size, letterbox=False):
     zeros padded evenly around it, the odd pixel to the right or bottom."""
     from PIL import Image
 
+    def to_tensor(image):  # torchvision's ToTensor: (3, H, W) in [0, 1]
+        w, h = image.size
+        return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1) / 255
+
     out = []
     for image in images:
         image = image.convert("RGB")
         w, h = image.size
         if letterbox:
-            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1) / 255
-            scale = size / max(h, w)
+            x, scale = to_tensor(image), size / max(h, w)
             if scale != 1.0:
                 new_h, new_w = round(h * scale), round(w * scale)
                 x = torch.nn.functional.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False,
@@ -178,10 +191,7 @@ def reference_pixels(images, size, letterbox=False):
                 x = torch.nn.functional.pad(x, (left, size - new_w - left, top, size - new_h - top))
         else:
             new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-            if (new_w, new_h) != (w, h):
-                image = image.resize((new_w, new_h), Image.BICUBIC)
-            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(new_h, new_w, 3)
-            x = x.permute(2, 0, 1) / 255
+            x = to_tensor(image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), Image.BICUBIC))
             top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
             x = x[:, top:top + size, left:left + size]
         out.append(x.float())
@@ -265,16 +275,13 @@ class HPSv2:
         self.model = CLIPModel(config)
         self.model.load_state_dict(openclip_to_transformers(state), strict=True)
         self.model.eval().to(device)
-        self.size, self.device = config.vision_config.image_size, device
+        self.size = config.vision_config.image_size
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        pixels = reference_pixels(images, self.size, letterbox=True).to(self.device)
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        image = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
-        text = self.model.text_projection(self.model.text_model(**tokens).pooler_output)
-        unit = torch.nn.functional.normalize
-        return (unit(image.float(), dim=-1) * unit(text.float(), dim=-1)).sum(-1).cpu()
+        image = unit_image_embeds(self.model, reference_pixels(images, self.size, letterbox=True))
+        text = unit_text_embeds(self.model, self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt"))
+        return (image * text).sum(-1).cpu()
 
 
 def blip_vision_config(state):
