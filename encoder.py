@@ -20,21 +20,24 @@ Two ways to compute e^NCP (`method`), chosen by the precision the encoder runs i
   architecture). Instead one forward-mode pass carries delta itself as a tangent, at its own scale:
       E(x_{t-1}^pred) - E(x_{t-1}^*) = J_E(x_mid) delta + O(delta^3),   x_mid = (x_{t-1}^pred + x_{t-1}^*) / 2,
   the central difference, exact to second order (within ~1e-4 of the fp32 direct value at a prediction
-  error of ~1 per element). The frozen weights stay in half precision; attention runs in its composite form
-  (the fused kernels have no forward-mode derivative). The policy's gradient flows through the tangent; x_mid
-  is a constant for it, which drops a term of relative size O(delta). For DPO the policy's and the
+  error of ~1 per element). The frozen weights stay in half precision. The policy's gradient flows through the
+  tangent; x_mid is a constant for it, which drops a term of relative size O(delta). For DPO the policy's and the
   reference's errors share one primal point and the tangents J d_ref and J(d_pol - d_ref), so that their
   difference, the margin, keeps full relative precision too (perceptual_errors).
-  Its cost: a forward-mode pass is a primal and a tangent pass, about twice a forward.
+  Its cost and memory (see `jvp` below): one primal pass for all tangents, a tangent pass each, and a backward
+  stage by stage that never holds more than one stage's activations nor any whole attention matrix.
 
 Copy this file as it is: it depends on torch and on a diffusers UNet2DConditionModel only.
 """
 
+import inspect
 from contextlib import contextmanager
+from functools import partial
 
 import torch
-import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 METHODS = ("direct", "jvp")
@@ -70,6 +73,15 @@ def down_stack(unet, x, t, cond, depth="mid"):
     x: (B, C, h, w); t: (B,) long; cond: the U-Net's keyword arguments (encoder_hidden_states, and
     added_cond_kwargs for SDXL). Returns the last hidden state (B, C', h', w'), not the skip connections.
     """
+    h = x
+    for stage in _stages(unet, x, t, cond, depth):
+        h = stage(h)
+    return h
+
+
+def _stages(unet, x, t, cond, depth):
+    """The encoder as a chain of functions of the hidden state: conv_in, each down block, the mid block if
+    depth="mid". The time and text embeddings, which do not depend on x, are computed here, once."""
     if depth not in ("down", "mid"):
         raise ValueError(f"depth must be 'down' or 'mid', got {depth!r}")
     hidden = cond["encoder_hidden_states"]
@@ -82,18 +94,16 @@ def down_stack(unet, x, t, cond, depth="mid"):
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     hidden = unet.process_encoder_hidden_states(encoder_hidden_states=hidden, added_cond_kwargs=added)
-    h = unet.conv_in(x)
-    for block in unet.down_blocks:
+
+    def run(block, h):
         if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=hidden)
+            out = block(h, temb=emb, encoder_hidden_states=hidden)
         else:
-            h, _ = block(hidden_states=h, temb=emb)
-    if depth == "mid":
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            h = unet.mid_block(h, emb, encoder_hidden_states=hidden)
-        else:
-            h = unet.mid_block(h, emb)
-    return h
+            out = block(h, temb=emb)
+        return out[0] if isinstance(out, tuple) else out  # a down block also returns its skip connections
+
+    blocks = [*unet.down_blocks, unet.mid_block] if depth == "mid" else list(unet.down_blocks)
+    return [unet.conv_in] + [partial(run, block) for block in blocks]
 
 
 @contextmanager
@@ -128,27 +138,15 @@ def _base_features(unet, x, t_prev, cond, depth):
         return down_stack(unet, x, t_prev, cond, depth)
 
 
-def _base_tangent(unet, x, t_prev, cond, depth, tangent):
-    """J_E(x) tangent: the forward-mode derivative of E at x along `tangent`, with the base weights."""
-    with base_weights(unet), _no_block_checkpointing(unet), sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
-        return fwAD.unpack_dual(down_stack(unet, fwAD.make_dual(x, tangent), t_prev, cond, depth)).tangent
-
-
-def encode(unet, x, t_prev, cond, depth="mid", tangent=None):
-    """E(x, t_prev, c) with the base weights, or J_E(x) tangent if a tangent is given. (B, C', h', w').
-
-    Safe under gradient checkpointing (see below)."""
-    if tangent is None:
-        fn, inputs = _base_features, (unet, x, t_prev, cond, depth)
-    else:
-        fn, inputs = _base_tangent, (unet, x, t_prev, cond, depth, tangent)
+def encode(unet, x, t_prev, cond, depth="mid"):
+    """E(x, t_prev, c) with the base weights. (B, C', h', w'). Safe under gradient checkpointing (see below)."""
     if torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
         # The blocks' own checkpointing would recompute them during backward, when the adapters are on
         # again, and silently differentiate the LoRA model instead of the base. So the blocks do not
         # checkpoint here; the whole encoder is checkpointed by a function that disables the adapters
         # itself, and its recomputation runs on the base weights too.
-        return checkpoint(fn, *inputs, use_reentrant=False)
-    return fn(*inputs)
+        return checkpoint(_base_features, unet, x, t_prev, cond, depth, use_reentrant=False)
+    return _base_features(unet, x, t_prev, cond, depth)
 
 
 @torch.no_grad()
@@ -198,22 +196,197 @@ def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth):
     x_star = previous_sample(scheduler, x_t.float(), t, noise, z)  # fp32 throughout: the steps are 0.1-0.4% of x
     deltas = [previous_sample(scheduler, x_t.float(), t, pred, z) - x_star for pred in preds]  # z cancels out
     # The primal point: half way along the (mean) step, a central difference. A constant for the gradient.
-    x_mid = (x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))).to(x_t.dtype).contiguous()
+    x_mid = (x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))).to(x_t.dtype)
     t_prev = (t - 1).clamp(min=0)
     if len(deltas) == 1:
-        return [_tangent(unet, x_mid, t_prev, cond, depth, deltas[0]).pow(2).mean(dim=(1, 2, 3))]
-    # J d_1 (the reference: no grad), and J (d_0 - d_1), the small policy-reference difference at its own scale.
-    with torch.no_grad():
-        j1 = _tangent(unet, x_mid, t_prev, cond, depth, deltas[1])
-    j01 = _tangent(unet, x_mid, t_prev, cond, depth, deltas[0] - deltas[1])
+        return [jvp(unet, x_mid, t_prev, cond, depth, deltas)[0].pow(2).mean(dim=(1, 2, 3))]
+    # J (d_0 - d_1), the small policy-reference difference at its own scale, and J d_1 (the reference: no grad),
+    # two tangents of one primal pass.
+    j01, j1 = jvp(unet, x_mid, t_prev, cond, depth, [deltas[0] - deltas[1], deltas[1].detach()])
     return [(j1 + j01).pow(2).mean(dim=(1, 2, 3)), j1.pow(2).mean(dim=(1, 2, 3))]
 
 
-def _tangent(unet, x, t_prev, cond, depth, delta):
-    """J_E(x) delta in fp32, delta passed at unit scale per sample (no fp16 underflow; the JVP is linear)."""
-    scale = delta.detach().flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-30).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    tangent = (delta / scale).to(x.dtype).contiguous()  # group_norm's forward-mode rule fails on channels-last input
-    return encode(unet, x, t_prev, cond, depth, tangent=tangent).float() * scale
+# -----------------------------------------------------------------------------
+# The JVP: J_E(x) delta for one or more tangents, bounded in memory, at unit scale in both directions.
+#
+# Forward: one pass without grad carries every tangent through E at once (torch.func.jvp under vmap over the
+# tangents, so the primal is computed once), stage by stage (conv_in, each down block, the mid block), keeping
+# only each stage's input. Attention's tangent is computed by query chunks (_attention_tangent), so no whole
+# attention matrix of the encoder is ever held, with or without its tangent.
+# Backward: the map delta -> J delta is linear, so its vector-Jacobian product is the primal's, J^T g: each
+# stage is run again on its saved input, with grad and the fused attention kernels, and differentiated on its
+# own, last stage first. The backward holds one stage's activations at a time and never needs the tangents.
+# Why this form, by measurement (SD1.5 architecture, 512 px, one pair, bf16; README "Results"): it replaced one
+# forward-mode pass per tangent with PyTorch's own rules and composite attention, the whole encoder checkpointed
+# as one piece. That path kept every attention matrix with its tangent for the backward (9.0 GiB above the
+# weights for the encoder's work, against 0.6 GiB now: benchmarks/encoder_cost.py), computed the primal once
+# per tangent, and convolved every layer's input with its weights' zero tangent (PyTorch's linear and conv rules
+# do), 3.74 against 2.55 TFLOP. A whole NCP-DPO step went from 3.35x latent DPO's peak memory and 3.2x its time
+# to 1.07x and 1.6x, at 1.40x its FLOPs (benchmarks/step_cost.py). Computing the backward by reverse-mode
+# through the tangent instead would need the tangent's graph, attention matrices included, or its recomputation
+# through the chunked rule; the primal's VJP needs neither and runs the fused kernels.
+# Scale: each stage's tangent and each stage's incoming gradient are renormalised to unit RMS per sample (the
+# scale kept in fp32), so that neither a tiny step (policy == reference gives exactly zero) nor a tiny gradient
+# underflows in fp16, where a step's scale of 1e-30 once zeroed every gradient.
+
+ATTENTION_CHUNK = 2**24  # elements of one (batch, heads, queries, keys) block of the attention tangent
+
+
+def jvp(unet, x, t_prev, cond, depth, deltas):
+    """[J_E(x) d for d in deltas], fp32, with the base weights; E at (x, t_prev, cond). deltas: (B, C, h, w) each.
+
+    Only the first tangent may carry grad (its backward flows into it); the others are computed without grad."""
+    if any(d.requires_grad for d in deltas[1:]):
+        raise ValueError("only the first tangent may carry grad")
+    stacked = torch.stack([d.float() for d in deltas])  # (n, B, C, h, w)
+    out = _Jvp.apply(stacked[0] if deltas[0].requires_grad else stacked[0].detach(), stacked.detach(), unet,
+                     x.contiguous(), t_prev, cond, depth)
+    return [out[0]] + [out[i].detach() for i in range(1, len(deltas))]
+
+
+def _rms(x):
+    """Per-sample RMS over all but the leading (tangent, sample) dimensions, in fp32; 1 where it is 0."""
+    rms = x.detach().float().flatten(x.dim() - 3).pow(2).mean(-1).sqrt()
+    return torch.where(rms > 0, rms, torch.ones_like(rms)).view(*rms.shape, 1, 1, 1)
+
+
+class _Jvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, first, deltas, unet, x, t_prev, cond, depth):
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        scale = _rms(deltas)  # (n, B, 1, 1, 1)
+        tangents = (deltas / scale).to(x.dtype)
+        inputs = []
+        with base_weights(unet), _no_block_checkpointing(unet), _JvpMode():
+            stages = _stages(unet, x, t_prev, cond, depth)
+            h = x
+            for stage in stages:
+                inputs.append(h)
+                # randomness="same": a U-Net in train mode calls dropout (p = 0 in SD's configs) even when frozen
+                h, tangents = torch.func.vmap(partial(torch.func.jvp, stage, (h,)), out_dims=(None, 0),
+                                              randomness="same")((tangents,))
+                r = _rms(tangents)
+                scale, tangents = scale * r, (tangents / r).to(h.dtype)
+        ctx.stages, ctx.unet = stages, unet
+        ctx.save_for_backward(*inputs)
+        return tangents.float() * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad[0]
+        device, dtype, enabled = ctx.autocast
+        with base_weights(ctx.unet), _no_block_checkpointing(ctx.unet), torch.autocast(device, dtype, enabled):
+            for stage, h in reversed(list(zip(ctx.stages, ctx.saved_tensors))):
+                r = _rms(g)
+                with torch.enable_grad():
+                    h = h.detach().requires_grad_()
+                    out = stage(h.view_as(h))  # not the leaf itself: module hooks (FlopCounterMode's) reject leaves here
+                g, = torch.autograd.grad(out, h, (g / r).to(out.dtype))
+                g = g.float() * r
+        return g, None, None, None, None, None, None
+
+
+class _JvpMode(TorchFunctionMode):
+    """Routes the encoder's attention, linear and conv2d calls to functions with lean forward-mode rules: the
+    attention's never holds a whole attention matrix (_Attention); linear and conv2d take their weights as the
+    constants they are (_FrozenWeights: PyTorch's own rule also convolves the input with the weights' zero
+    tangent, a third pass of every layer)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            call = inspect.signature(_sdpa).bind(*args, **kwargs).arguments
+            if (call.get("attn_mask") is None and not call.get("dropout_p") and not call.get("is_causal")
+                    and not call.get("enable_gqa")):
+                return _Attention.apply(call["query"], call["key"], call["value"], call.get("scale"))
+            with sdpa_kernel(SDPBackend.MATH):  # any other form: the composite one, which has a forward-mode rule
+                return func(*args, **kwargs)
+        if func in (F.linear, F.conv2d):
+            call = inspect.signature(_linear if func is F.linear else _conv2d).bind(*args, **kwargs)
+            call.apply_defaults()
+            return _FrozenWeights.apply(func, *call.arguments.values())
+        return func(*args, **kwargs)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    pass
+
+
+def _linear(input, weight, bias=None):
+    pass
+
+
+def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    pass
+
+
+class _FrozenWeights(torch.autograd.Function):
+    """op(x, weight, bias, *args) for an op linear in x (F.linear, F.conv2d), whose tangent is op(dx, weight):
+    the weights are constants of E, and their (zero) tangents are not used. Used without grad only."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op, x, weight, bias, *args):
+        return op(x, weight, bias, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op, _, ctx.weight, _, *ctx.args = inputs
+
+    @staticmethod
+    def jvp(ctx, _, dx, *unused):
+        return ctx.op(dx, ctx.weight, None, *ctx.args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("encoder._FrozenWeights is forward-mode only")
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(q k^T scale) v, with a forward-mode rule (jvp) by query chunks. Used without grad only."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, ctx.scale = inputs
+        ctx.save_for_forward(q, k, v)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, _):
+        q, k, v = ctx.saved_tensors
+        return _attention_tangent(q, k, v, dq, dk, dv, ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("encoder._Attention is forward-mode only: the JVP's backward runs the fused kernels")
+
+
+def _attention_tangent(q, k, v, dq, dk, dv, scale=None):
+    """The tangent of softmax(q k^T scale) v along (dq, dk, dv), any of them None (zero), by query chunks:
+    with P the attention and dS = (dq k^T + q dk^T) scale, dP = P * (dS - rowsum(P * dS)), do = dP v + P dv.
+    Matmuls in the inputs' dtype, the softmax and dP in fp32. (B, heads, queries, dv)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kt = k.transpose(-2, -1)
+    rows = max(1, ATTENTION_CHUNK // (q.shape[:-2].numel() * k.shape[-2]))
+    out = []
+    for i in range(0, q.shape[-2], rows):
+        qc = q[..., i:i + rows, :]
+        p = torch.softmax((qc @ kt).float() * scale, dim=-1)
+        ds = (dq[..., i:i + rows, :] @ kt).float() if dq is not None else torch.zeros_like(p)
+        if dk is not None:
+            ds = ds + (qc @ dk.transpose(-2, -1)).float()
+        dp = p * (ds * scale)
+        dp = dp - p * dp.sum(-1, keepdim=True)
+        do = dp.to(v.dtype) @ v
+        if dv is not None:
+            do = do + p.to(dv.dtype) @ dv
+        out.append(do)
+    return torch.cat(out, dim=-2)
 
 
 def latent_error(pred, noise):

@@ -692,7 +692,7 @@ def log_ratios(args, raw_unet, unet, ddim, batch, both, cond, method):
         mid = ((mu.detach() + ref_mu) / 2).to(dtype).contiguous()
         with torch.no_grad():
             e_mid = encode(mid)
-        linear.append((e_mid, encoder._tangent(raw_unet, mid, t_prev, cond, depth, mu - ref_mu)))
+        linear.append((e_mid, encoder.jvp(raw_unet, mid, t_prev, cond, depth, [mu - ref_mu])[0]))
     return [((e - linear[j][0]) * linear[j][1]).mean(dim=(1, 2, 3)) / var for e, (_, j) in zip(e_x, sides)]
 
 

@@ -196,3 +196,14 @@ def test_another_runs_checkpoint_is_refused(straight, monkeypatch):
             ncp_dpo.main(ncp_dpo.parse_args(["--model", "tiny", "--data", "synthetic", "--output-dir", str(straight),
                                              "--global-batch-size", "4", "--micro-batch-size", "2", *argv]))
         assert message in str(exit_info.value.code)
+
+
+def test_fp16_ncp_dpo_gets_a_gradient_at_step_one_and_moves_the_lora(tmp_path):
+    """At step 1 the policy is the reference: the NCP tangent d_pol - d_ref is exactly zero. In fp16 its gradient
+    once underflowed to zero at every step (grad_norm 0.0, the LoRA never moved, exit 0)."""
+    train("ncp_dpo.py", tmp_path, "--model", "tiny", "--precision", "fp16", "--max-steps", "3", "--global-batch-size",
+          "2", "--micro-batch-size", "2", "--lr", "1e-4")
+    records = metrics(tmp_path)
+    assert records[0]["step"] == 1 and records[0]["grad_norm"] > 0
+    assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in records)
+    assert sum(v.float().abs().sum().item() for k, v in lora(tmp_path).items() if k.endswith(("lora_B.weight", "lora.up.weight"))) > 0

@@ -1,5 +1,8 @@
 """encoder.py against independent oracles: diffusers' DDPMScheduler.step and the U-Net's own forward."""
 
+import os
+import sys
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -251,3 +254,89 @@ def test_linearised_errors_take_channels_last_latents(models):
     with pytest.raises(ValueError, match="must carry no grad"):  # its gradient would be dropped
         encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, [preds[0], preds[1].requires_grad_()], noise,
                                   z, cond, "mid", "jvp")
+
+
+# -----------------------------------------------------------------------------
+# The bounded-memory JVP against the composite forward mode it replaced (PyTorch's own rules, math attention)
+
+
+def _composite_attention_jvp(attn, x, dx, context=None):
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
+        out = fwAD.unpack_dual(attn(fwAD.make_dual(x, dx), encoder_hidden_states=context))
+    return out.primal, out.tangent
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_chunked_attention_tangent_equals_composite_on_an_sd15_sized_layer(cross, monkeypatch):
+    """SD1.5's first attention level: 4096 tokens, 320 channels, 8 heads; self- and cross-attention (whose keys and
+    values have no tangent). In fp32, chunked into 8 blocks of queries, and into 64 with a smaller budget."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(320, cross_attention_dim=768 if cross else None, heads=8, dim_head=40).requires_grad_(False)
+    x, dx = torch.randn(1, 4096, 320), torch.randn(1, 4096, 320)
+    context = torch.randn(1, 77, 768) if cross else None
+    primal, tangent = _composite_attention_jvp(attn, x, dx, context)
+    for chunk in (encoder.ATTENTION_CHUNK, 2**19):
+        monkeypatch.setattr(encoder, "ATTENTION_CHUNK", chunk)
+        with torch.no_grad(), encoder._JvpMode():
+            got_primal, got = torch.func.jvp(lambda h: attn(h, encoder_hidden_states=context), (x,), (dx,))
+        torch.testing.assert_close(got_primal, primal, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, tangent, rtol=1e-4, atol=1e-5 * tangent.abs().max().item())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_jvp_equals_the_composite_forward_mode_with_its_gradient(models, checkpointing):
+    """encoder.jvp (one primal for two tangents, chunked attention, stage-wise backward through the primal) against
+    torch.autograd.forward_ad with PyTorch's rules and math attention, in fp32: both tangents and the gradient."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import encoder_cost
+
+    lora, x_t, t, noise, z, cond = _setup(models)
+    if checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    g = torch.Generator().manual_seed(5)
+    d0, d1 = (torch.randn(x_t.shape, generator=g) * 0.01 for _ in range(2))
+    results = []
+    for fn in (encoder.jvp, encoder_cost.composite_jvp):
+        leaf = d0.clone().requires_grad_()
+        j0, j1 = fn(models.unet, x_t, t, cond, "mid", [leaf, d1])
+        assert not j1.requires_grad
+        direction = torch.randn(j0.shape, generator=torch.Generator().manual_seed(6))  # the same for both
+        grad, = torch.autograd.grad((j0 * direction).sum(), leaf)
+        results.append((j0.detach(), j1, grad))
+        assert _adapters_on(models.unet)
+    for got, expected in zip(*results):
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_fp16_jvp_gradient_survives_a_zero_step(models):
+    """Policy == reference gives a zero tangent (d_pol - d_ref = 0); the gradient through it must not underflow in
+    fp16 (a scale clamped to 1e-30 once zeroed it), nor through a tiny step."""
+    _, x_t, t, noise, z, cond = _setup(models)
+    models.unet.to(torch.float16)
+    x = x_t.to(torch.float16)
+    grads = {}
+    for size in (0.0, 1e-12, 1.0):
+        leaf = (torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1)) * size).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            j, = encoder.jvp(models.unet, x, t, cond, "mid", [leaf])
+        assert torch.isfinite(j).all() and (j.abs().sum() > 0) == (size > 0)
+        grads[size], = torch.autograd.grad((j * 1e-6 + j.detach().mean()).sum(), leaf)  # a small upstream gradient
+        assert torch.isfinite(grads[size]).all() and grads[size].abs().sum() > 0
+    # linear in the tangent: the gradient does not depend on the step, so all three agree
+    torch.testing.assert_close(grads[0.0], grads[1.0], rtol=1e-2, atol=1e-3 * grads[1.0].abs().max().item())
+    torch.testing.assert_close(grads[1e-12], grads[1.0], rtol=1e-2, atol=1e-3 * grads[1.0].abs().max().item())
+
+
+def test_jvp_runs_on_a_unet_in_train_mode(models):
+    """spo.py trains with unet.train(): the frozen encoder then calls dropout (p = 0), which vmap must allow."""
+    _, x_t, t, noise, z, cond = _setup(models)
+    d = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(2))
+    expected, = encoder.jvp(models.unet.eval(), x_t, t, cond, "mid", [d])
+    got, = encoder.jvp(models.unet.train(), x_t, t, cond, "mid", [d])
+    torch.testing.assert_close(got, expected)
