@@ -191,7 +191,7 @@ def check_run(args):
         if args.resume:
             raise ValueError(f"--resume: nothing to resume, there is no {path}")
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = sample.load_checkpoint(path, f"ncp_{OBJECTIVE}.py")
     if not args.resume:
         raise ValueError(f"{args.output_dir} holds a run at step {ckpt['step']}: pass --resume to continue it, "
                          "or choose another --output-dir")
@@ -419,7 +419,8 @@ def write_record(record, path, report, bar, print0):
 
 def checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args):
     """Everything a resume needs: LoRA, optimizer, schedule, scaler, step, data position, totals, args, RNG."""
-    return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
+    return {"script": f"ncp_{OBJECTIVE}.py", "lora": {n: p.detach().cpu() for n, p in lora.items()},
+            "optimizer": optimizer.state_dict(),
             "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data_position": step * args.global_batch_size, "totals": totals, "args": run_args(args),
             "rng": {"cpu": torch.get_rng_state(),
@@ -490,8 +491,7 @@ def main(args):
     loader = iter(data.make_loader(dataset, args.micro_batch_size, rank, world_size, args.seed,
                                    start=step * args.global_batch_size, num_workers=args.num_workers))
     stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): stop at the next micro-batch, save the last step, exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, frame: stop.append((s, time.time())))
+    data.stop_on_signals(stop)
 
     # -------------------------------------------------------------------------
     # Training loop.
@@ -590,4 +590,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    data.run_main(main, parse_args())

@@ -314,6 +314,31 @@ def lora_state_dict(unet):
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+def load_checkpoint(path, script):
+    """A run's checkpoint.pt, read as data only (torch.load with weights_only=True: tensors, numbers, strings,
+    lists, dicts), so that nothing in a run directory can run code. A file that is not that, or that another
+    script wrote (its optimizer state would go on under another loss), is refused in one line."""
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # a class or function to import and call
+            raise ValueError(f"{path} holds objects other than tensors, numbers, strings, lists and dicts: refused, "
+                             "since loading them could run code") from None
+        raise ValueError(f"{path} is not a checkpoint (unreadable: corrupt or truncated)") from None
+    except (EOFError, RuntimeError, OSError) as e:
+        what = "empty" if isinstance(e, EOFError) else "corrupt or truncated"
+        raise ValueError(f"{path} is not a checkpoint ({what})") from None
+    if not isinstance(ckpt, dict) or not {"step", "args", "lora"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint of this project's training scripts")
+    written = ckpt.get("script", "spo.py" if "iteration" in ckpt else script)
+    if written != script:
+        raise ValueError(f"{path} was written by {written}, not {script}: resume it with {written}, or choose "
+                         "another --output-dir")
+    return ckpt
+
+
 def save_lora(unet, out_dir):
     """Write OUT_DIR/pytorch_lora_weights.safetensors, loadable by pipe.load_lora_weights(out_dir)."""
     from diffusers import StableDiffusionPipeline

@@ -277,7 +277,7 @@ def check_run(args):
         if args.resume:
             raise ValueError(f"--resume: nothing to resume, there is no {path}")
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = sample.load_checkpoint(path, "spo.py")
     if not args.resume:
         raise ValueError(f"{args.output_dir} holds a run at step {ckpt['step']}: pass --resume to continue it, "
                          "or choose another --output-dir")
@@ -699,7 +699,8 @@ def log_ratios(args, raw_unet, unet, ddim, batch, both, cond, method):
 def checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args, position, iteration_lora):
     """Everything a resume needs: LoRA, optimizer, schedule, scaler, step, the iteration and the steps taken in it,
     the LoRA that iteration sampled with (when steps were taken in it), totals, args."""
-    return {"lora": {n: p.detach().cpu() for n, p in lora.items()}, "optimizer": optimizer.state_dict(),
+    return {"script": "spo.py", "lora": {n: p.detach().cpu() for n, p in lora.items()},
+            "optimizer": optimizer.state_dict(),
             "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "iteration": position[0], "iteration_step": position[1],
             "iteration_lora": iteration_lora if position[1] else None, "totals": totals, "args": run_args(args)}
@@ -765,8 +766,7 @@ def main(args):
             dist.barrier()
 
     stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): stop at the next micro-batch or denoising step, save, exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, frame: stop.append((s, time.time())))
+    data.stop_on_signals(stop)
 
     # -------------------------------------------------------------------------
     # Training loop: sample an iteration's transitions with the current policy, then train one pass over them.
@@ -894,4 +894,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    data.run_main(main, parse_args())

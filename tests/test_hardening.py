@@ -1,0 +1,173 @@
+"""Hardening. A run that fails inside its training loop ends promptly, its DataLoader workers with it, alone or under
+torchrun; a signal that no loop will act on ends the process. (The workers ignore SIGTERM, so that a preemption
+signal sent to the whole process group leaves the main process time to save; that once made any failure in the
+loop hang in multiprocessing's exit hook, deaf to SIGTERM.) A checkpoint is read as data only, and one that is not
+a checkpoint of the script reading it is refused in one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import FAST, ROOT, env
+
+# Runs a training script with one function replaced: at its second call it records the DataLoader workers' pids
+# and then fails (RuntimeError) or sleeps (a loop that never reaches its next micro-batch).
+INJECT = """
+import json, multiprocessing, os, sys, time
+sys.path.insert(0, {root!r})
+import data
+script = __import__({module!r})
+real, calls = getattr(script, {function!r}), []
+
+def injected(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        rank = os.environ.get("RANK", "0")
+        with open(os.path.join({out!r}, "workers-" + rank + ".json"), "w") as f:
+            json.dump([c.pid for c in multiprocessing.active_children()], f)
+        if {mode!r} == "sleep":
+            time.sleep(3600)
+        raise RuntimeError("injected failure in the step")
+    return real(*args, **kwargs)
+
+setattr(script, {function!r}, injected)
+data.run_main(script.main, script.parse_args())
+"""
+
+
+def injector(tmp_path, script, function, mode="raise"):
+    path = tmp_path / "inject.py"
+    path.write_text(INJECT.format(root=ROOT, module=script.removesuffix(".py"), function=function, out=str(tmp_path),
+                                  mode=mode))
+    return str(path)
+
+
+def command(tmp_path, script, function, mode="raise", nproc=1):
+    runner = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    return [*runner, injector(tmp_path, script, function, mode), "--model", "tiny", "--output-dir",
+            str(tmp_path / "run"), *FAST, "--num-workers", "2", "--max-steps", "5"]
+
+
+def gone(pid):
+    """The process has exited (a zombie left to an init that does not reap counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def workers(tmp_path):
+    pids = []
+    for name in os.listdir(tmp_path):
+        if name.startswith("workers-"):
+            with open(tmp_path / name) as f:
+                pids += json.load(f)
+    return pids
+
+
+@pytest.mark.parametrize("script, function", [("ncp_dpo.py", "dpo_loss"), ("ncp_cpo.py", "cpo_loss")])
+def test_a_failure_in_the_loop_ends_the_process_and_its_workers(tmp_path, script, function):
+    start = time.time()
+    proc = subprocess.run(command(tmp_path, script, function), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode != 0 and "injected failure in the step" in proc.stderr, proc.stderr[-3000:]
+    assert time.time() - start < 150
+    pids = workers(tmp_path)
+    assert len(pids) == 2, pids  # the two DataLoader workers were running when the step failed
+    time.sleep(1)
+    assert all(gone(pid) for pid in pids)
+
+
+def test_under_torchrun_a_failing_rank_releases_the_others(tmp_path):
+    proc = subprocess.run(command(tmp_path, "ncp_dpo.py", "dpo_loss", nproc=2), cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "injected failure in the step" in proc.stdout + proc.stderr
+    pids = workers(tmp_path)
+    assert len(pids) == 4, pids
+    time.sleep(1)
+    assert all(gone(pid) for pid in pids)
+
+
+def test_a_signal_no_loop_acts_on_ends_the_process(tmp_path):
+    """The step never returns: the first SIGTERM is recorded for a micro-batch boundary that never comes; a second,
+    2 s later, ends the process and its workers."""
+    proc = subprocess.Popen(command(tmp_path, "ncp_dpo.py", "dpo_loss", mode="sleep"), cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not workers(tmp_path) and time.time() < deadline:
+            time.sleep(0.2)
+        assert workers(tmp_path), "the run never reached its second step"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(2.5)
+        assert proc.poll() is None  # the first one waits for the loop, as a preemption signal should
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        proc.kill()
+    time.sleep(1)
+    assert all(gone(pid) for pid in workers(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# checkpoint.pt is data: nothing in it runs, and what is not a checkpoint of this script is one line
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _one_line_error(proc, fragment):
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert fragment in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("script", ["ncp_dpo.py", "spo.py"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path, script):
+    import torch
+
+    from helpers import train
+
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    out.mkdir()
+    torch.save({"step": 1, "args": {}, "lora": {}, "payload": _RunsCode(marker)}, out / "checkpoint.pt")
+    for resume in ([], ["--resume"]):  # the file was once loaded before --resume was even checked
+        if script == "spo.py":
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--model", "tiny", "--output-dir",
+                                   str(out), *resume], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=300)
+        else:
+            proc = train(script, out, "--model", "tiny", *resume, check=False)
+        _one_line_error(proc, "refused, since loading them could run code")
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "empty"), (b"PK\x03\x04 truncated", "corrupt or truncated"),
+                                               (bytes(range(256)) * 16, "corrupt or truncated")],
+                         ids=["empty", "truncated", "garbage"])
+def test_an_unreadable_checkpoint_is_one_line(tmp_path, content, fragment):
+    from helpers import train
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(content)
+    _one_line_error(train("ncp_sft.py", tmp_path / "run", "--model", "tiny", "--resume", check=False), fragment)
+
+
+def test_a_run_of_another_script_is_not_resumed_under_this_loss(tmp_path):
+    from helpers import train
+
+    out = tmp_path / "run"
+    train("ncp_cpo.py", out, "--model", "tiny", "--max-steps", "1", "--save-every", "1")
+    _one_line_error(train("ncp_dpo.py", out, "--model", "tiny", "--max-steps", "2", "--resume", check=False),
+                    "was written by ncp_cpo.py, not ncp_dpo.py")
