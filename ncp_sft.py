@@ -170,6 +170,19 @@ def check_run(args):
     """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
+    for flag, value, ok, what in [
+            ("lr", args.lr, args.lr > 0, "positive"), ("lora-rank", args.lora_rank, args.lora_rank >= 1, "at least 1"),
+            ("save-every", args.save_every, args.save_every >= 1, "at least 1"),
+            ("log-every", args.log_every, args.log_every >= 1, "at least 1"),
+            ("validation-every", args.validation_every, args.validation_every >= 1, "at least 1"),
+            ("resolution", args.resolution, args.resolution >= 8 and args.resolution % 8 == 0,
+             "a positive multiple of 8 (the VAE's factor)"),
+            ("num-workers", args.num_workers, args.num_workers >= 0, "0 or more"),
+            ("dist-timeout", args.dist_timeout, args.dist_timeout > 0, "positive"),
+            ("beta", getattr(args, "beta", 1), getattr(args, "beta", 1) > 0, "positive (0 learns nothing, a "
+             "negative beta prefers the loser)")]:
+        if not ok:
+            raise ValueError(f"--{flag} {value} must be {what}")
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if not os.path.exists(path):
         if args.resume:

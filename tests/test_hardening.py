@@ -171,3 +171,26 @@ def test_a_run_of_another_script_is_not_resumed_under_this_loss(tmp_path):
     train("ncp_cpo.py", out, "--model", "tiny", "--max-steps", "1", "--save-every", "1")
     _one_line_error(train("ncp_dpo.py", out, "--model", "tiny", "--max-steps", "2", "--resume", check=False),
                     "was written by ncp_cpo.py, not ncp_dpo.py")
+
+
+# -----------------------------------------------------------------------------
+# Numeric flags out of range: one line naming the flag, before any model loads, and nothing left behind
+
+
+@pytest.mark.parametrize("script, flag, value, fragment", [
+    ("ncp_dpo.py", "--lr", "-1", "--lr -1.0 must be positive"),
+    ("ncp_dpo.py", "--lora-rank", "0", "--lora-rank 0 must be at least 1"),
+    ("ncp_dpo.py", "--save-every", "0", "--save-every 0 must be at least 1"),
+    ("ncp_dpo.py", "--resolution", "30", "--resolution 30 must be a positive multiple of 8"),
+    ("ncp_sft.py", "--resolution", "0", "--resolution 0 must be a positive multiple of 8"),
+    ("ncp_cpo.py", "--num-workers", "-1", "--num-workers -1 must be 0 or more"),
+    ("ncp_dpo.py", "--beta", "0", "--beta 0.0 must be positive"),
+    ("ncp_cpo.py", "--beta", "-5", "--beta -5.0 must be positive"),
+])
+def test_a_numeric_flag_out_of_range_is_one_line_and_leaves_nothing(tmp_path, script, flag, value, fragment):
+    from helpers import train
+
+    out = tmp_path / "run"
+    proc = train(script, out, "--model", "tiny", flag, value, check=False)
+    _one_line_error(proc, fragment)
+    assert not out.exists()
