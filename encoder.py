@@ -239,8 +239,7 @@ def jvp(unet, x, t_prev, cond, depth, deltas):
     if any(d.requires_grad for d in deltas[1:]):
         raise ValueError("only the first tangent may carry grad")
     stacked = torch.stack([d.float() for d in deltas])  # (n, B, C, h, w)
-    out = _Jvp.apply(stacked[0] if deltas[0].requires_grad else stacked[0].detach(), stacked.detach(), unet,
-                     x.contiguous(), t_prev, cond, depth)
+    out = _Jvp.apply(stacked[0], stacked.detach(), unet, x.contiguous(), t_prev, cond, depth)  # grad: first only
     return [out[0]] + [out[i].detach() for i in range(1, len(deltas))]
 
 
@@ -251,6 +250,8 @@ def _rms(x):
 
 
 class _Jvp(torch.autograd.Function):
+    """Forward: J_E(x) for every row of `deltas` (n, B, C, h, w); backward: J_E(x)^T g into `first` (= deltas[0])."""
+
     @staticmethod
     def forward(ctx, first, deltas, unet, x, t_prev, cond, depth):
         device = x.device.type
