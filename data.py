@@ -19,12 +19,14 @@ The pass reads metadata only, except for those hashes; image bytes are read per 
 write_synthetic makes a tiny generated Pick-a-Pic set.
 """
 import collections
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import os
 import random
+import sys
 import tarfile
 import time
 
@@ -110,6 +112,11 @@ def detect(paths):
     if len(kinds) > 1:
         raise DataError(f"the source mixes file types {sorted(kinds)}; give one format at a time")
     kind = kinds.pop()
+    with readable(paths[0]):
+        return _detect(kind, paths)
+
+
+def _detect(kind, paths):
     if kind == ".parquet":
         names = set(pq.read_schema(paths[0]).names)
         if {"jpg_0", "jpg_1", "label_0", "caption"} <= names:
@@ -137,10 +144,25 @@ def detect(paths):
                     + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
 
 
+@contextlib.contextmanager
+def readable(path):
+    """Reading `path`: a file that cannot be read (truncated, partly downloaded, not what its name says) is one
+    DataError that names it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, tarfile.TarError, pa.ArrowException) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path} cannot be read ({why}): truncated or partly downloaded? Fetch it again, or move it "
+                        "out of the source") from None
+
+
 def check_columns(paths, needed):
     """Fail at once, naming what was found, if a shard lacks a needed column (reads the schema only)."""
     for path in paths:
-        names = pq.read_schema(path).names
+        with readable(path):
+            names = pq.read_schema(path).names
         missing = [c for c in needed if c not in names]
         if missing:
             raise DataError(f"{path} lacks the columns {missing} of its format; it has {names}")
@@ -150,8 +172,17 @@ def read_json(path):
     """The records of a JSON list or a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        records = json.load(f)
+            records = []
+            for number, line in enumerate(f, 1):
+                try:
+                    records += [json.loads(line.strip())] if line.strip() else []
+                except ValueError as e:
+                    raise DataError(f"{path}, line {number}: not a JSON record ({e})") from None
+            return records
+        try:
+            records = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(records, list):
         raise DataError(f"{path} is not a JSON list of comparisons")
     return records
@@ -256,77 +287,66 @@ def image_bytes(value):
     return value
 
 
-def read_pickapic(paths):
-    check_columns(paths, REQUIRED)
-    tables = []
-    for i, path in enumerate(paths):
-        t = pq.read_table(path, columns=[c for c in META if c in pq.read_schema(path).names])
-        n = t.num_rows
-        label_0 = t["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
-        label_0[~_bool_column(t, "has_label", n, default=True)] = np.nan
-        tables.append(comparisons({"caption": t["caption"], "label_0": label_0, "id_0": t["image_0_uid"],
-                                   "id_1": t["image_1_uid"], "different": _bool_column(t, "are_different", n, True)},
-                                  i))
-    return pa.concat_tables(tables)
+def read_pickapic(path, i):
+    t = pq.read_table(path, columns=[c for c in META if c in pq.read_schema(path).names])
+    n = t.num_rows
+    label_0 = t["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
+    label_0[~_bool_column(t, "has_label", n, default=True)] = np.nan
+    return comparisons({"caption": t["caption"], "label_0": label_0, "id_0": t["image_0_uid"],
+                        "id_1": t["image_1_uid"], "different": _bool_column(t, "are_different", n, True)}, i)
 
 
-def read_chosen_rejected(paths, hash_images):
+def read_chosen_rejected(path, i, hash_images):
     """chosen wins: label_0 = 1. Identities: content hashes when filtering (reads every image once), else places."""
-    tables = []
-    for i, path in enumerate(paths):
-        f = pq.ParquetFile(path)
-        prompt = "prompt" if "prompt" in f.schema_arrow.names else "caption"
-        caption = f.read(columns=[prompt])[prompt].cast(pa.string())
-        n = len(caption)
-        if hash_images:
-            ids = [[], []]
-            for g in range(f.num_row_groups):
-                group = f.read_row_group(g, columns=["chosen", "rejected"])
-                for side, column in enumerate(["chosen", "rejected"]):
-                    ids[side] += [content_id(image_bytes(v)) for v in group[column].to_pylist()]
-        else:
-            ids = positions(i, n)
-        tables.append(comparisons({"caption": caption, "label_0": np.ones(n), "id_0": pa.array(ids[0]),
-                                   "id_1": pa.array(ids[1]), "different": np.ones(n, bool)}, i))
-    return pa.concat_tables(tables)
+    f = pq.ParquetFile(path)
+    prompt = "prompt" if "prompt" in f.schema_arrow.names else "caption"
+    caption = f.read(columns=[prompt])[prompt].cast(pa.string())
+    n = len(caption)
+    if hash_images:
+        ids = [[], []]
+        for g in range(f.num_row_groups):
+            group = f.read_row_group(g, columns=["chosen", "rejected"])
+            for side, column in enumerate(["chosen", "rejected"]):
+                ids[side] += [content_id(image_bytes(v)) for v in group[column].to_pylist()]
+    else:
+        ids = positions(i, n)
+    return comparisons({"caption": caption, "label_0": np.ones(n), "id_0": pa.array(ids[0]),
+                        "id_1": pa.array(ids[1]), "different": np.ones(n, bool)}, i)
 
 
-def read_webdataset(paths, hash_images):
+def read_webdataset(path, i, hash_images):
     """One comparison per sample key. Reads the tar headers (seeking past the data) and the small text members;
     the images' places are kept, so an item reads its own bytes. Identities: content hashes when filtering (reads
     every image once: the whole tar set), else places."""
-    tables = []
-    for i, path in enumerate(paths):
-        samples = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile():
-                    key, _, suffix = os.path.basename(member.name).partition(".")
-                    samples.setdefault(os.path.join(os.path.dirname(member.name), key), {})[suffix] = member
-            rows = {k: [] for k in ("caption", "label_0", "at_0", "size_0", "at_1", "size_1")}
-            ids = [[], []]
-            for members in samples.values():
-                def text(suffix):
-                    m = members.get(suffix)
-                    return tar.extractfile(m).read().decode("utf-8", "replace").strip() if m else None
-                try:
-                    label = float(text("label_0.txt"))
-                except (TypeError, ValueError):
-                    label = np.nan  # missing or not a number: unlabeled
-                rows["caption"].append(text("original_prompt.txt") or text("caption.txt") or text("txt"))
-                rows["label_0"].append(label)
-                for side in (0, 1):
-                    m = next((m for s, m in members.items() if s.startswith(f"jpg_{side}.")), None)
-                    rows[f"at_{side}"].append(m.offset_data if m else -1)
-                    rows[f"size_{side}"].append(m.size if m else 0)
-                    if hash_images:
-                        ids[side].append(content_id(tar.extractfile(m).read() if m else b""))
-        n = len(rows["label_0"])
-        if not hash_images:
-            ids = positions(i, n)
-        tables.append(comparisons({**{k: pa.array(v) for k, v in rows.items()}, "id_0": pa.array(ids[0], pa.string()),
-                                   "id_1": pa.array(ids[1], pa.string()), "different": np.ones(n, bool)}, i))
-    return pa.concat_tables(tables)
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                key, _, suffix = os.path.basename(member.name).partition(".")
+                samples.setdefault(os.path.join(os.path.dirname(member.name), key), {})[suffix] = member
+        rows = {k: [] for k in ("caption", "label_0", "at_0", "size_0", "at_1", "size_1")}
+        ids = [[], []]
+        for members in samples.values():
+            def text(suffix):
+                m = members.get(suffix)
+                return tar.extractfile(m).read().decode("utf-8", "replace").strip() if m else None
+            try:
+                label = float(text("label_0.txt"))
+            except (TypeError, ValueError):
+                label = np.nan  # missing or not a number: unlabeled
+            rows["caption"].append(text("original_prompt.txt") or text("caption.txt") or text("txt"))
+            rows["label_0"].append(label)
+            for side in (0, 1):
+                m = next((m for s, m in members.items() if s.startswith(f"jpg_{side}.")), None)
+                rows[f"at_{side}"].append(m.offset_data if m else -1)
+                rows[f"size_{side}"].append(m.size if m else 0)
+                if hash_images:
+                    ids[side].append(content_id(tar.extractfile(m).read() if m else b""))
+    n = len(rows["label_0"])
+    if not hash_images:
+        ids = positions(i, n)
+    return comparisons({**{k: pa.array(v) for k, v in rows.items()}, "id_0": pa.array(ids[0], pa.string()),
+                        "id_1": pa.array(ids[1], pa.string()), "different": np.ones(n, bool)}, i)
 
 
 def image_root(path, records, side_paths):
@@ -341,46 +361,48 @@ def image_root(path, records, side_paths):
                     f"{sample[:2]}); unpack the dataset's image archives beside the JSON")
 
 
-def read_hpd(fmt, paths):
+def read_hpd(fmt, path, i):
     """HPDv2 (human_preference decides; equal is a tie) or HPDv3 (path1 always wins). Identities: the image paths,
     which the comparisons of a prompt share."""
-    tables = []
-    for i, path in enumerate(paths):
-        records = read_json(path)
-        if fmt == "hpdv3":
-            sides = lambda r: [r.get("path1"), r.get("path2")]  # noqa: E731
-        else:
-            sides = lambda r: list(r.get("file_path") or [])  # noqa: E731
-        root = image_root(path, records, sides)
-        rows = {k: [] for k in ("caption", "label_0", "id_0", "id_1", "path_0", "path_1")}
-        for r in records:
-            pair = sides(r)
-            label = 1.0 if fmt == "hpdv3" else np.nan
-            if fmt == "hpdv2":
-                try:
-                    a, b = (float(x) for x in r.get("human_preference"))
-                    label = 1.0 if a > b else 0.0 if a < b else 0.5
-                except (TypeError, ValueError):
-                    pass  # not two numbers: unlabeled
-            if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
-                label, pair = np.nan, ["", ""]
-            prompt = r.get("prompt")
-            rows["caption"].append(prompt if isinstance(prompt, str) else None)
-            rows["label_0"].append(label)
-            for side in (0, 1):
-                rows[f"id_{side}"].append(pair[side])
-                rows[f"path_{side}"].append(os.path.join(root, pair[side]) if pair[side] else "")
-        n = len(records)
-        tables.append(comparisons({**{k: pa.array(v) for k, v in rows.items()}, "different": np.ones(n, bool)}, i))
-    return pa.concat_tables(tables)
+    records = read_json(path)
+    if fmt == "hpdv3":
+        sides = lambda r: [r.get("path1"), r.get("path2")]  # noqa: E731
+    else:
+        sides = lambda r: list(r.get("file_path") or [])  # noqa: E731
+    root = image_root(path, records, sides)
+    rows = {k: [] for k in ("caption", "label_0", "id_0", "id_1", "path_0", "path_1")}
+    for r in records:
+        pair = sides(r)
+        label = 1.0 if fmt == "hpdv3" else np.nan
+        if fmt == "hpdv2":
+            try:
+                a, b = (float(x) for x in r.get("human_preference"))
+                label = 1.0 if a > b else 0.0 if a < b else 0.5
+            except (TypeError, ValueError):
+                pass  # not two numbers: unlabeled
+        if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+            label, pair = np.nan, ["", ""]
+        prompt = r.get("prompt")
+        rows["caption"].append(prompt if isinstance(prompt, str) else None)
+        rows["label_0"].append(label)
+        for side in (0, 1):
+            rows[f"id_{side}"].append(pair[side])
+            rows[f"path_{side}"].append(os.path.join(root, pair[side]) if pair[side] else "")
+    n = len(records)
+    return comparisons({**{k: pa.array(v) for k, v in rows.items()}, "different": np.ones(n, bool)}, i)
 
 
 def read_metadata(fmt, paths, hash_images=False):
     """The comparisons of the files of one format, as one table: caption, label_0, id_0, id_1, different, shard,
     row, and the images' places where they lie outside the rows."""
-    if fmt in ("chosen-rejected", "webdataset"):
-        return READERS[fmt](paths, hash_images).combine_chunks()
-    return READERS[fmt](paths).combine_chunks()
+    if fmt == "pickapic":
+        check_columns(paths, REQUIRED)
+    tables = []
+    for i, path in enumerate(paths):
+        with readable(path):
+            extra = (hash_images,) if fmt in ("chosen-rejected", "webdataset") else ()
+            tables.append(READERS[fmt](path, i, *extra))
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def hashed_metadata(fmt, paths, source, root=None):
@@ -412,7 +434,7 @@ def split_captions(source, split):
 
 
 READERS = {"pickapic": read_pickapic, "chosen-rejected": read_chosen_rejected, "webdataset": read_webdataset,
-           "hpdv2": lambda paths: read_hpd("hpdv2", paths), "hpdv3": lambda paths: read_hpd("hpdv3", paths)}
+           "hpdv2": lambda path, i: read_hpd("hpdv2", path, i), "hpdv3": lambda path, i: read_hpd("hpdv3", path, i)}
 
 
 def _bool_column(table, name, n, default):
@@ -1018,6 +1040,9 @@ def run_main(main, args):
     torchrun stops them."""
     try:
         return main(args)
+    except DataError as e:  # bad data met in the loop (read in a DataLoader worker, whose traceback torch adds)
+        _release()
+        sys.exit(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
     except BaseException:
         _release()
         raise

@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -183,6 +182,9 @@ def check_run(args):
              "negative beta prefers the loser)")]:
         if not ok:
             raise ValueError(f"--{flag} {value} must be {what}")
+    for flag in ("output_dir", "cache_latents", "image_store"):
+        if getattr(args, flag, None):
+            sample.check_output(getattr(args, flag), "--" + flag.replace("_", "-"))
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if not os.path.exists(path):
         if args.resume:
@@ -278,15 +280,6 @@ def peak_memory(cuda):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def save_atomic(args, raw_unet, state):
-    """Write the LoRA (diffusers' format) and the checkpoint via temporary names, then rename."""
-    with tempfile.TemporaryDirectory(dir=args.output_dir) as tmp:
-        sample.save_lora(raw_unet, tmp)
-        os.replace(os.path.join(tmp, sample.LORA_FILE), os.path.join(args.output_dir, sample.LORA_FILE))
-        torch.save(state, os.path.join(tmp, "checkpoint.pt"))
-        os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(args.output_dir, "checkpoint.pt"))
-
-
 def setup_distributed(timeout_minutes):
     """(ddp, rank, local rank, world size, device) of this process; joins the process group under torchrun."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -333,15 +326,27 @@ def restore(ckpt, lora, optimizer, lr_schedule, scaler, lr):
 
 def reduce_window(window, steps, data_counts, ddp, world_size, device):
     """The logged window's metrics, averaged over its steps and the ranks, and its data counts summed over the ranks:
-    ({name: float}, [skipped pairs, converted images])."""
-    names = sorted(window)
+    ({name: float}, [skipped pairs, converted images]). A per-pair metric (a list of (B,) tensors: the loss's
+    argument, beta * margin) is gathered over the ranks into its 10th, 50th and 90th percentiles and the share of
+    pairs where its size is over 1, where logsigmoid curves: below that the loss is nearly linear in the margin."""
+    per_pair = {k: torch.cat(v).to(device).double() for k, v in window.items() if isinstance(v, list)}
+    names = sorted(k for k in window if k not in per_pair)
     values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / steps
     data_counts = data_counts.to(device)
     if ddp:
         dist.all_reduce(values)
         values /= world_size
         dist.all_reduce(data_counts)
-    return {k: v.item() for k, v in zip(names, values)}, [int(c) for c in data_counts]
+    out = {k: v.item() for k, v in zip(names, values)}
+    for k, v in per_pair.items():
+        if ddp:
+            parts = [torch.zeros_like(v) for _ in range(world_size)]
+            dist.all_gather(parts, v)
+            v = torch.cat(parts)
+        q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=v.dtype, device=device)).tolist()
+        out.update({f"{k}_p10": q[0], f"{k}_p50": q[1], f"{k}_p90": q[2],
+                    "saturated": (v.abs() > 1).double().mean().item()})
+    return out, [int(c) for c in data_counts]
 
 
 def ranks_agree(params, world_size, device):
@@ -373,6 +378,7 @@ def load_run(args, ddp, local_rank, world_size, master, device):
         pairs, counts = data.preference_pairs(source, args.split, args.filter)
         dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed,
                                          winners_only=OBJECTIVE == "sft")
+        dataset[0]  # one item read now: data none of which decodes (all images null, say) fails here, in one line
         validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
         sample.check_reporter(args.report_to)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
@@ -438,6 +444,8 @@ def main(args):
     if not cuda and "OMP_NUM_THREADS" not in os.environ:  # compute threads on the cores the workers leave free: on a
         torch.set_num_threads(max(1, cores_per_rank() - args.num_workers))  # busy machine, spinning threads crawl
     os.makedirs(args.output_dir, exist_ok=True)
+    if master:  # a killed save's temporary folder removed; lines logged after the checkpoint dropped
+        sample.start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0)
     print0 = logger(os.path.join(args.output_dir, "log.txt") if master else None)
     print0(f"data: {json.dumps(counts)}")
     if master and not (args.cache_latents or args.image_store) and (group := data.largest_row_group(pairs)) > 2**26:
@@ -468,10 +476,13 @@ def main(args):
     if ckpt is not None:
         step, totals = restore(ckpt, lora, optimizer, lr_schedule, scaler, args.lr)
         print0(f"resumed from {args.output_dir}/checkpoint.pt at step {step} (data position {ckpt['data_position']})")
+        if master:  # the LoRA file is the checkpoint's again (a save killed between its renames left it ahead)
+            sample.save_run(args.output_dir, raw_unet)
 
     def save():
         if master:
-            save_atomic(args, raw_unet, checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args))
+            state = checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args)
+            sample.save_run(args.output_dir, raw_unet, state)
         if ddp:
             dist.barrier()
 
@@ -532,8 +543,8 @@ def main(args):
                 loss, metrics = sft_loss(e_w)
                 # end of objective
                 scaler.scale(loss / accum).backward()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
+            for k, v in metrics.items():  # a scalar is averaged over the micro-batches; a per-pair tensor kept whole
+                step_metrics[k] = step_metrics.get(k, []) + [v] if v.dim() else step_metrics.get(k, 0.0) + v / accum
             step_counts += torch.tensor([batch["skipped"].sum(), batch["converted"].sum()], dtype=torch.float64)
         if stopping:  # drop the partial accumulation: the LoRA and optimizer state of the last step are intact
             optimizer.zero_grad(set_to_none=True)
@@ -542,7 +553,7 @@ def main(args):
         else:
             step, grad_norm, lr = optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals)
             for k, v in step_metrics.items():
-                window[k] = window.get(k, 0.0) + v
+                window[k] = window[k] + v if k in window else v
             window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
             data_counts += step_counts
             window_steps += 1
@@ -573,8 +584,6 @@ def main(args):
 
     # -------------------------------------------------------------------------
     bar.close()
-    if ckpt is not None and step == ckpt["step"]:
-        save()  # nothing left to train: still leave the LoRA in place
     if ddp:  # a cheap proof that the ranks stayed in step
         print0(f"LoRA weights identical on all {world_size} ranks: {ranks_agree(lora_params, world_size, device)}")
     print0(f"done: step {step}, LoRA in {args.output_dir}/{sample.LORA_FILE}")

@@ -314,22 +314,84 @@ def lora_state_dict(unet):
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def load_checkpoint(path, script):
-    """A run's checkpoint.pt, read as data only (torch.load with weights_only=True: tensors, numbers, strings,
-    lists, dicts), so that nothing in a run directory can run code. A file that is not that, or that another
-    script wrote (its optimizer state would go on under another loss), is refused in one line."""
+def check_output(path, flag, folder=True):
+    """ValueError unless `path` can be written as a folder (or, folder=False, a file in an existing folder): checked
+    before any model loads, so that a run never fails at its first save."""
+    where = os.path.abspath(path)
+    if os.path.exists(where):
+        if os.path.isdir(where) != folder:
+            raise ValueError(f"{flag} {path} is a {'file' if folder else 'folder'}")
+        if not os.access(where if folder else os.path.dirname(where), os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path} is not writable")
+        return
+    parent = os.path.dirname(where)
+    while folder and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        what = "a file" if os.path.exists(parent) else "missing"
+        raise ValueError(f"{flag} {path} cannot be made: {parent} is {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} cannot be made: {parent} is not writable")
+
+
+SAVE_PREFIX = ".save-"  # a save's temporary folder inside the run directory
+
+
+def save_run(out_dir, unet, state=None):
+    """Write the LoRA (diffusers' format) and the checkpoint `state` into a temporary folder, then rename each into
+    OUT_DIR, the checkpoint last: a save killed between the two renames leaves the LoRA one save ahead, and the next
+    --resume rewrites it from the checkpoint (start_run). state None: the LoRA only."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=SAVE_PREFIX, dir=out_dir) as tmp:
+        save_lora(unet, tmp)
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "checkpoint.pt"))
+        os.replace(os.path.join(tmp, LORA_FILE), os.path.join(out_dir, LORA_FILE))
+        if state is not None:
+            os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.pt"))
+
+
+def start_run(out_dir, step):
+    """Rank 0, as a run starts in OUT_DIR at `step`: the temporary folders of a save that was killed are removed,
+    and metrics.jsonl loses the lines logged after the checkpoint (a resume logs those steps again)."""
+    import shutil
+
+    for name in os.listdir(out_dir):
+        if name.startswith(SAVE_PREFIX):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
+def load_data(path, what):
+    """torch.load as data only (weights_only=True: tensors, numbers, strings, lists, dicts): a file holding anything
+    else, which could run code as it loads, is refused; either way the error is one line that never suggests
+    loading it unsafely."""
     import pickle
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # a class or function to import and call
             raise ValueError(f"{path} holds objects other than tensors, numbers, strings, lists and dicts: refused, "
                              "since loading them could run code") from None
-        raise ValueError(f"{path} is not a checkpoint (unreadable: corrupt or truncated)") from None
+        raise ValueError(f"{path} is not {what} (unreadable: corrupt or truncated)") from None
     except (EOFError, RuntimeError, OSError) as e:
-        what = "empty" if isinstance(e, EOFError) else "corrupt or truncated"
-        raise ValueError(f"{path} is not a checkpoint ({what})") from None
+        why = "empty" if isinstance(e, EOFError) else "corrupt or truncated"
+        raise ValueError(f"{path} is not {what} ({why})") from None
+
+
+def load_checkpoint(path, script):
+    """A run's checkpoint.pt, read as data only (torch.load with weights_only=True: tensors, numbers, strings,
+    lists, dicts), so that nothing in a run directory can run code. A file that is not that, or that another
+    script wrote (its optimizer state would go on under another loss), is refused in one line."""
+    ckpt = load_data(path, "a checkpoint")
     if not isinstance(ckpt, dict) or not {"step", "args", "lora"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint of this project's training scripts")
     written = ckpt.get("script", "spo.py" if "iteration" in ckpt else script)
@@ -347,11 +409,28 @@ def save_lora(unet, out_dir):
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet))
 
 
-def load_lora(unet, lora_dir, adapter_name="default"):
-    """Load OUT_DIR/pytorch_lora_weights.safetensors into the U-Net as a PEFT adapter."""
+def check_lora(lora_dir):
+    """ModelError unless LORA_DIR/pytorch_lora_weights.safetensors is a readable safetensors file with U-Net LoRA
+    weights (diffusers would load one without them and quietly sample the base model)."""
+    from safetensors import safe_open
+
     path = os.path.join(lora_dir, LORA_FILE)
     if not os.path.isfile(path):
-        raise ModelError(f"no LoRA weights at {path}")
+        raise ModelError(f"--lora {lora_dir} holds no {LORA_FILE}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors' own error type: empty, truncated, not safetensors at all
+        raise ModelError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): truncated or "
+                         "partly copied?") from None
+    if not any(k.startswith("unet.") for k in keys):
+        raise ModelError(f"{path} holds no U-Net LoRA weights (its {len(keys)} keys begin {keys[:2]}); this "
+                         "project's LoRA files name them unet.*")
+
+
+def load_lora(unet, lora_dir, adapter_name="default"):
+    """Load OUT_DIR/pytorch_lora_weights.safetensors into the U-Net as a PEFT adapter."""
+    check_lora(lora_dir)
     try:
         unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix="unet", adapter_name=adapter_name)
     except (RuntimeError, ValueError) as e:  # shapes or names of another model's U-Net
@@ -615,8 +694,15 @@ def main(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     try:  # every check before a model is loaded or a file written
         _, kind = resolve_model(args.model)
-        if args.lora and not os.path.isfile(os.path.join(args.lora, LORA_FILE)):
-            raise ModelError(f"--lora {args.lora} holds no {LORA_FILE}")
+        for flag in ("num_images_per_prompt", "steps", "batch_size", "resolution"):
+            value = getattr(args, flag)
+            if value is not None and (value < 1 or flag == "resolution" and value % 8):
+                raise ValueError(f"--{flag.replace('_', '-')} {value} must be "
+                                 + ("a positive multiple of 8 (the VAE's factor)" if flag == "resolution" else
+                                    "at least 1"))
+        check_output(args.out, "--out")
+        if args.lora:
+            check_lora(args.lora)
         prompts = read_prompts(args.prompts, args.data)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -626,8 +712,6 @@ def main(args):
                        ("images_per_prompt", args.num_images_per_prompt)):
         if value is not None and value != protocol[key]:
             protocol[key], protocol["name"] = value, f"{args.protocol}, changed"
-    if args.batch_size < 1:
-        sys.exit(f"error: --batch-size {args.batch_size} must be positive")
     k = protocol["images_per_prompt"]
     precision = args.precision or ("fp16" if cuda else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -681,4 +765,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    import data
+
+    data.run_main(main, parse_args())

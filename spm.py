@@ -27,10 +27,11 @@ prompts, t); preference_loss(scores_w, scores_l); save(model, path) in the relea
 import argparse
 import math
 import os
-import pickle
 
 import torch
 from torch import nn
+
+import sample
 
 PICKSCORE = "yuvalkirstain/PickScore_v1"  # the backbone the released SPMs were trained from
 PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer and image statistics
@@ -163,8 +164,6 @@ def tiny_clip(seed=0, image_size=32):
     """A random tiny CLIPModel (width 32, 2 layers a tower, 8 px patches) and its character tokenizer: no download."""
     from transformers import CLIPConfig, CLIPModel
 
-    import sample
-
     torch.manual_seed(seed)
     tokenizer = sample._tiny_tokenizer()
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -208,10 +207,9 @@ def load(weights=None, backbone=PICKSCORE, processor=PROCESSOR, device="cpu", dt
 
 def load_weights(model, path):
     """Load a state dict with the released format's `model.` prefix (or without it) strictly into model.model."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-        raise ValueError(f"cannot read the preference model weights {path}: {str(e).splitlines()[0]}") from None
+    state = sample.load_data(path, "a preference model's weights")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a preference model's weights (no state dict)")
     state = {k.removeprefix("model."): v for k, v in state.items()}
     own = model.model.state_dict()
     for key in [k for k in state if k.endswith("embeddings.position_ids") and k not in own]:

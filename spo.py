@@ -68,7 +68,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -118,14 +117,20 @@ def ddim_step(scheduler, x_t, t, eps, eta=ETA):
     return mean, std, x0
 
 
-def pick_pairs(scores, threshold):
-    """Scores (k, P) of k candidates for P prompts -> (best (P,), worst (P,), keep (P,) bool): keep when
-    softmax([s_best, s_worst])[0] - softmax(...)[1] > threshold."""
+def softmax_gap(scores):
+    """Scores (k, P) of k candidates for P prompts -> (best (P,), worst (P,), gap (P,)): the gap is
+    softmax([s_best, s_worst])[0] - softmax(...)[1]."""
     order = scores.argsort(dim=0, descending=True)
     best, worst = order[0], order[-1]
     columns = torch.arange(scores.shape[1], device=scores.device)
     p = torch.stack([scores[best, columns], scores[worst, columns]]).float().softmax(dim=0)
-    return best, worst, p[0] - p[1] > threshold
+    return best, worst, p[0] - p[1]
+
+
+def pick_pairs(scores, threshold):
+    """(best (P,), worst (P,), keep (P,) bool): keep a pair when its softmax gap exceeds the threshold."""
+    best, worst, gap = softmax_gap(scores)
+    return best, worst, gap > threshold
 
 
 # -----------------------------------------------------------------------------
@@ -267,11 +272,16 @@ def check_run(args):
         raise ValueError(f"--inner-steps {args.inner_steps} must not be negative")
     if not 0 <= args.branch_from < args.steps:
         raise ValueError(f"--branch-from {args.branch_from} must be between 0 and --steps - 1 = {args.steps - 1}")
+    if args.threshold >= 1:
+        raise ValueError(f"--threshold {args.threshold} must be below 1: a softmax gap is, so no pair would be kept")
     if not 0 < args.eps < 1:
         raise ValueError(f"--eps {args.eps} must be between 0 and 1")
     if args.preference_model not in ("tiny", "identity") and not os.path.isfile(args.preference_model):
         raise ValueError(f"--preference-model {args.preference_model}: no such file (download the .bin of "
                          f"{spm.RELEASED}, or pass tiny)")
+    for flag in ("output_dir", "cache_latents", "image_store"):
+        if getattr(args, flag, None):
+            sample.check_output(getattr(args, flag), "--" + flag.replace("_", "-"))
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if not os.path.exists(path):
         if args.resume:
@@ -365,15 +375,6 @@ def peak_memory(cuda):
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def save_atomic(args, raw_unet, state):
-    """Write the LoRA (diffusers' format) and the checkpoint via temporary names, then rename."""
-    with tempfile.TemporaryDirectory(dir=args.output_dir) as tmp:
-        sample.save_lora(raw_unet, tmp)
-        os.replace(os.path.join(tmp, sample.LORA_FILE), os.path.join(args.output_dir, sample.LORA_FILE))
-        torch.save(state, os.path.join(tmp, "checkpoint.pt"))
-        os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(args.output_dir, "checkpoint.pt"))
 
 
 def setup_distributed(timeout_minutes):
@@ -561,12 +562,12 @@ def sample_transitions(models, unet, preference, ddim, prompts, seeds, args, emp
         empty_images = torch.zeros(0, *shape)
         return ({"x_t": empty_images, "x_w": empty_images, "x_t_l": empty_images, "x_l": empty_images,
                  "t": torch.zeros(0, dtype=torch.long), "prompt": torch.zeros(0, dtype=torch.long)},
-                {"sample_s": 0.0, "score_s": 0.0, "scores": torch.zeros(0)})
+                {"sample_s": 0.0, "score_s": 0.0, "scores": torch.zeros(0), "gap": 0.0})
     noise = lambda: torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # noqa: E731
     both, _ = text_cond(models, prompts, args.resolution, empty)
     last = len(ddim.timesteps) - 1
     x = noise()
-    kept, scores_seen, score_s, start = [], [], 0.0, time.time()
+    kept, scores_seen, gaps, score_s, start = [], [], [], 0.0, time.time()
     segment, inner_left = [], 0  # the candidates' transitions since they branched: (x_t, x_{t-1}, t, std), k * P rows
     for i, t in enumerate(ddim.timesteps):
         n = len(x) // n_prompts  # 1, or k candidates per prompt
@@ -578,6 +579,7 @@ def sample_transitions(models, unet, preference, ddim, prompts, seeds, args, emp
             scores = score(models, preference, x0, prompts * n, t).view(n, n_prompts)
             score_s += time.time() - score_start
             scores_seen.append(scores.flatten())
+            gaps.append(softmax_gap(scores)[2])
             kept.append(keep(segment, scores, args.threshold))
             chosen = torch.stack([torch.randint(n, (), generator=g, device=device) for g in gens])
             rows = chosen * n_prompts + torch.arange(n_prompts, device=device)
@@ -600,9 +602,10 @@ def sample_transitions(models, unet, preference, ddim, prompts, seeds, args, emp
     scores = score(models, preference, x, prompts * k, 0).view(k, n_prompts)
     score_s += time.time() - score_start
     scores_seen.append(scores.flatten())
+    gaps.append(softmax_gap(scores)[2])
     kept.append(keep(segment, scores, args.threshold))
     return in_order(kept), {"sample_s": time.time() - start - score_s, "score_s": score_s,
-                 "scores": torch.cat(scores_seen).float().cpu()}
+                            "scores": torch.cat(scores_seen).float().cpu(), "gap": torch.cat(gaps).max().item()}
 
 
 def score(models, preference, latents, prompts, t):
@@ -720,6 +723,8 @@ def main(args):
     per_epoch = math.ceil(len(prompts) / args.prompts_per_iteration)
     iterations = args.epochs * per_epoch
     os.makedirs(args.output_dir, exist_ok=True)
+    if master:  # a killed save's temporary folder removed; lines logged after the checkpoint dropped
+        sample.start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0)
     print0 = logger(os.path.join(args.output_dir, "log.txt") if master else None)
     print0(f"prompts: {len(prompts)}, {per_epoch} iterations of {args.prompts_per_iteration} an epoch, "
            f"{args.epochs} epochs")
@@ -757,11 +762,14 @@ def main(args):
         iteration, iteration_step, iteration_lora = ckpt["iteration"], ckpt["iteration_step"], ckpt["iteration_lora"]
         print0(f"resumed from {args.output_dir}/checkpoint.pt at step {step} (iteration {iteration}, "
                f"{iteration_step} steps into it)")
+        if master:  # the LoRA file is the checkpoint's again (a save killed between its renames left it ahead)
+            sample.save_run(args.output_dir, raw_unet)
 
     def save():
         if master:
-            save_atomic(args, raw_unet, checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args,
-                                                         (iteration, iteration_step), iteration_lora))
+            state = checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args,
+                                     (iteration, iteration_step), iteration_lora)
+            sample.save_run(args.output_dir, raw_unet, state)
         if ddp:
             dist.barrier()
 
@@ -813,6 +821,15 @@ def main(args):
         if ddp:
             dist.all_reduce(scores_sum)
         scores_mean = (scores_sum[0] / scores_sum[1]).item()
+        gap = torch.tensor(timing["gap"], device=device)  # the largest softmax gap of any rank's pairs
+        if ddp:
+            dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+        if n == 0:
+            print0(f"warning: iteration {iteration} kept no pair: its largest softmax gap, {gap.item():.3g}, is not "
+                   f"above --threshold {args.threshold}")
+        elif steps_here == 0:
+            print0(f"warning: iteration {iteration} kept {n} transitions, fewer than one optimizer step's "
+                   f"--global-batch-size {args.global_batch_size}: none trained on")
         sample_time = time.time() - start
 
         unet.train()
@@ -891,6 +908,10 @@ def main(args):
         dist.destroy_process_group()
     if stopping:
         sys.exit(128 + stopping)
+    if step == 0:
+        sys.exit(f"error: the run took no optimizer step, so its LoRA is untrained: no iteration kept "
+                 f"--global-batch-size {args.global_batch_size} transitions (see the warnings above; lower "
+                 "--threshold, or sample more --prompts-per-iteration)")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,11 @@ def _check_run(script, out):
     rows = metrics(out)
     assert SCRIPTS[script] | {"step", "lr", "grad_norm", "pairs_per_s"} <= set(rows[0])
     assert not {"ref_e_w", "ref_e_l"} & set(rows[0])  # no reference model
+    regime = {"beta_margin_p10", "beta_margin_p50", "beta_margin_p90", "saturated"}
     if script == "ncp_sft.py":
-        assert "e_l" not in rows[0]  # no loser branch
+        assert "e_l" not in rows[0] and not regime & set(rows[0])  # no loser branch, no beta
+    else:
+        assert regime <= set(rows[0]) and rows[0]["beta_margin_p10"] < rows[0]["beta_margin_p90"]
     assert all(math.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in rows)
     assert any(v.abs().sum() > 0 for k, v in lora(out).items() if "lora.up" in k)  # it trained
 

@@ -81,7 +81,8 @@ def test_one_step_lowers_winner_error_relative_to_reference(models, space):
 # Whole runs
 
 KEYS = {"step", "loss", "accuracy", "margin", "e_w", "e_l", "ref_e_w", "ref_e_l", "lr", "grad_norm", "pairs_per_s",
-        "step_time", "skipped_pairs", "converted_images", "nonfinite_steps"}
+        "step_time", "skipped_pairs", "converted_images", "nonfinite_steps", "beta_margin_p10", "beta_margin_p50",
+        "beta_margin_p90", "saturated"}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,8 @@ def _check_run(out):
     assert KEYS <= set(rows[0]) and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert math.isclose(rows[0]["loss"], math.log(2), rel_tol=1e-5)  # policy == reference before the first update
     assert rows[0]["accuracy"] == 0.5
+    assert rows[0]["beta_margin_p10"] == rows[0]["beta_margin_p90"] == rows[0]["saturated"] == 0  # margins all 0
+    assert any(r["beta_margin_p90"] > r["beta_margin_p10"] for r in rows[1:])
     assert all(math.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in rows)
     assert rows[-1]["loss"] != rows[0]["loss"]
     state = lora(out)
@@ -145,6 +148,27 @@ def test_torchrun_two_ranks_agree_and_match_one_process(straight, tmp_path):
     a, b = lora(straight), lora(tmp_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    for one, two in zip(metrics(straight), metrics(tmp_path)):  # percentiles over the pairs of both ranks
+        for key in ("beta_margin_p10", "beta_margin_p50", "beta_margin_p90", "saturated"):
+            assert one[key] == pytest.approx(two[key], rel=1e-3, abs=1e-6), key
+
+
+def test_regime_metrics_are_percentiles_of_beta_times_margin_over_the_window():
+    """reduce_window against numpy: two steps' per-pair values are pooled, not averaged per step."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(8, generator=g, dtype=torch.float64) * 2 for _ in range(2)]
+    window = {"loss": torch.tensor(1.4), "beta_margin": [steps[0][:4], steps[0][4:], steps[1]]}
+    means, _ = ncp_dpo.reduce_window(window, 2, torch.zeros(2, dtype=torch.float64), False, 1, torch.device("cpu"))
+    pooled = torch.cat(steps).numpy()
+    assert means["loss"] == pytest.approx(0.7)
+    for q in (10, 50, 90):
+        assert means[f"beta_margin_p{q}"] == pytest.approx(np.percentile(pooled, q))
+    assert means["saturated"] == pytest.approx(np.mean(np.abs(pooled) > 1)) and 0 < means["saturated"] < 1
+    _, metrics = ncp_dpo.dpo_loss(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0]), torch.tensor([1.5, 1.5]),
+                                  torch.tensor([1.5, 1.5]), beta=3.0)
+    assert metrics["beta_margin"].tolist() == [3.0, -3.0]  # beta * ((ref_w - ref_l) - (e_w - e_l)), per pair
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):

@@ -118,5 +118,5 @@ def test_bad_models_fail_with_what_was_expected(tmp_path):
         sample.resolve_model(str(tmp_path))
     with pytest.raises(sample.ModelError, match="could not fetch"):
         sample.resolve_model("nobody/no-such-model")  # offline in tests
-    with pytest.raises(sample.ModelError, match="no LoRA weights"):
+    with pytest.raises(sample.ModelError, match="holds no pytorch_lora_weights.safetensors"):
         sample.load_lora(sample.build_tiny().unet, str(tmp_path))

@@ -108,7 +108,7 @@ def test_released_format_loads_strictly_and_bad_files_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="missing.*t_embedder.mlp.0.weight"):
         spm.load(str(tmp_path / "missing.bin"), backbone="tiny")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="is not a preference model.s weights .unreadable"):
         spm.load(str(tmp_path / "junk.bin"), backbone="tiny")
 
 

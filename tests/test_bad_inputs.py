@@ -1,0 +1,249 @@
+"""Bad input, tried as a user would: each case is a command and how it must end. A one-line message naming what is
+wrong, a non-zero exit, no traceback, no hang, and, for a fresh run, nothing left behind. The faults the README
+promises to handle are here too (a truncated shard among good ones, a truncated tar, HPD JSON whose images are
+missing, null image cells). Tiny models, one step at most; the hangs and checkpoints are in test_hardening.py."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from helpers import ROOT, env, lora, metrics, train
+from test_formats import write_hpdv3, write_pickapic, write_webdataset
+from test_sample_eval import make_folder, scorer_dir  # noqa: F401 (a fixture)
+
+
+def truncate(path, keep=0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
+
+
+def jsonl_with_a_bad_line(root):
+    write_hpdv3(root)
+    records = json.load(open(root / "train.json"))
+    os.remove(root / "train.json")
+    lines = [json.dumps(r) for r in records]
+    lines[3] = '{"prompt": "a cut line", '
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def two_parquet_shards_one_truncated(root):
+    write_pickapic(root)
+    first = root / "data" / "train-00000-of-00002.parquet"
+    os.rename(root / "data" / "train-00000-of-00001.parquet", first)
+    shutil.copy(first, root / "data" / "train-00001-of-00002.parquet")
+    truncate(root / "data" / "train-00001-of-00002.parquet", keep=0.9)
+
+
+def null_images(root):
+    os.makedirs(root / "data")
+    n = 6
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(n)], "chosen": pa.array([None] * n, pa.binary()),
+                             "rejected": pa.array([None] * n, pa.binary())}), root / "data" / "train-00000-of-00001.parquet")
+
+
+def two_tars_one_truncated(root):
+    write_webdataset(root, shards=2)
+    truncate(root / "00001.tar")
+
+
+# (name, make the source at tmp_path / "src" (or None: synthetic), flags, fragment of the one-line message)
+TRAINING = [
+    ("output dir is a file", None, ["--output-dir", "{tmp}/file"], "--output-dir {tmp}/file is a file"),
+    ("output dir under a file", None, ["--output-dir", "{tmp}/file/run"], "cannot be made: {tmp}/file is a file"),
+    ("latent cache is a file", None, ["--cache-latents", "{tmp}/file"], "--cache-latents {tmp}/file is a file"),
+    ("image store is a file", None, ["--image-store", "{tmp}/file"], "--image-store {tmp}/file is a file"),
+    ("max steps 0", None, ["--max-steps", "0"], "--max-steps 0 must be positive"),
+    ("truncated parquet shard", two_parquet_shards_one_truncated, [],
+     "train-00001-of-00002.parquet cannot be read"),
+    ("truncated tar", two_tars_one_truncated, [], "00001.tar cannot be read (unexpected end of data)"),
+    ("JSON-lines bad line", jsonl_with_a_bad_line, [], "train.jsonl, line 4: not a JSON record"),
+    ("null image cells", null_images, ["--num-workers", "2"], "could not be decoded"),
+]
+
+
+def one_line_error(proc, fragment):
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("name, make, flags, fragment", TRAINING, ids=[case[0] for case in TRAINING])
+def test_training_input(tmp_path, name, make, flags, fragment):
+    (tmp_path / "file").write_text("not a folder")
+    source = []
+    if make:
+        make(tmp_path / "src")
+        source = ["--data", str(tmp_path / "src")]
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    proc = train("ncp_dpo.py", tmp_path / "run", "--model", "tiny", "--max-steps", "1", *source, *flags, check=False,
+                 timeout=120)
+    one_line_error(proc, fragment.format(tmp=tmp_path))
+    assert not (tmp_path / "run").exists()  # a fresh run leaves nothing behind
+
+
+def test_missing_hpd_images_are_skipped_counted_and_trained_around(tmp_path):
+    root = tmp_path / "hpd"
+    write_hpdv3(root)
+    os.remove(root / "images" / "m0" / "A.jpg")  # the winner of two comparisons
+    train("ncp_dpo.py", tmp_path / "run", "--model", "tiny", "--data", str(root), "--max-steps", "2",
+          "--global-batch-size", "4", timeout=120)
+    assert metrics(tmp_path / "run")[-1]["skipped_pairs"] > 0
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+def run(script, *args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def lora_file(folder, content):
+    os.makedirs(folder)
+    path = os.path.join(folder, sample.LORA_FILE)
+    if isinstance(content, dict):
+        from safetensors.torch import save_file
+
+        save_file(content, path)
+    else:
+        open(path, "wb").write(content)
+    return str(folder)
+
+
+SAMPLING = [
+    ("no images per prompt", ["--num-images-per-prompt", "0"], "--num-images-per-prompt 0 must be at least 1"),
+    ("no steps", ["--steps", "0"], "--steps 0 must be at least 1"),
+    ("resolution 30", ["--resolution", "30"], "--resolution 30 must be a positive multiple of 8"),
+    ("batch size 0", ["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    ("out is a file", ["--out", "{tmp}/file"], "--out {tmp}/file is a file"),
+    ("empty LoRA file", ["--lora", "empty"], "is not a readable safetensors file"),
+    ("garbage LoRA file", ["--lora", "garbage"], "is not a readable safetensors file"),
+    ("truncated LoRA file", ["--lora", "truncated"], "is not a readable safetensors file"),
+    ("LoRA without U-Net keys", ["--lora", "text-only"], "holds no U-Net LoRA weights"),
+]
+
+
+@pytest.mark.parametrize("name, flags, fragment", SAMPLING, ids=[case[0] for case in SAMPLING])
+def test_sampling_input(tmp_path, name, flags, fragment):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    loras = {"empty": b"", "garbage": b"garbage" * 10, "text-only": {"text_encoder.q.lora_A.weight": torch.zeros(2, 2)}}
+    if "--lora" in flags:
+        kind = flags[1]
+        if kind == "truncated":
+            unet = sample.build_tiny().unet
+            sample.add_lora(unet, rank=2)
+            sample.save_lora(unet, str(tmp_path / kind))
+            truncate(tmp_path / kind / sample.LORA_FILE)
+        else:
+            lora_file(tmp_path / kind, loras[kind])
+        flags = ["--lora", str(tmp_path / kind)]
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in flags else []
+    proc = run("sample.py", "--model", "tiny", "--prompts", tmp_path / "prompts.txt", "--steps", "1", *out, *flags)
+    one_line_error(proc, fragment.format(tmp=tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    for name in ("a", "b"):
+        make_folder(tmp_path / name, ["x", "y"], [image, image])
+    return tmp_path / "a", tmp_path / "b"
+
+
+EVALUATION = [
+    ("the same folder twice", ["{a}", "{a}/"], "is given twice"),
+    ("batch size 0", ["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    ("report under a file", ["--out", "{tmp}/file/report.json"], "--out {tmp}/file/report.json cannot be made"),
+    ("report is a folder", ["--out", "{tmp}"], "--out {tmp} is a folder"),
+    ("page folder is a file", ["--html", "{tmp}/file"], "--html {tmp}/file is a file"),
+    ("markdown in a missing folder", ["--markdown", "{tmp}/none/t.md"], "--markdown {tmp}/none/t.md cannot be made"),
+    ("a corrupt image", ["corrupt"], "00001_0.png is not a readable image"),
+]
+
+
+@pytest.mark.parametrize("name, flags, fragment", EVALUATION, ids=[case[0] for case in EVALUATION])
+def test_evaluation_input(tmp_path, folders, scorer_dir, name, flags, fragment):  # noqa: F811
+    (tmp_path / "file").write_text("not a folder")
+    a, b = folders
+    given = [f.format(tmp=tmp_path, a=a) for f in flags]
+    if flags == ["corrupt"]:
+        truncate(b / "00001_0.png")
+        given = []
+    if not given or not given[0].startswith(str(a)):
+        given = [str(a), str(b), *given]
+    if "--out" not in given:
+        given += ["--out", str(tmp_path / "report.json")]
+    proc = run("evaluate.py", *given, "--pickscore-model", scorer_dir, "--pickscore-processor", scorer_dir)
+    one_line_error(proc, fragment.format(tmp=tmp_path, a=a))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("report")]  # no report, no stray .tmp
+
+
+# -----------------------------------------------------------------------------
+# spo.py: a run that trains nothing says so
+
+
+def test_spo_that_keeps_no_pair_warns_and_fails(tmp_path):
+    proc = run("spo.py", "--model", "tiny", "--output-dir", tmp_path / "run", "--preference-model", "tiny",
+               "--epochs", "1", "--threshold", "0.9", "--log-every", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    warnings = [line for line in proc.stdout.splitlines() if "kept no pair" in line]
+    assert warnings and all("is not above --threshold 0.9" in w for w in warnings)
+    assert proc.stdout.strip().splitlines()[-1].startswith("error: the run took no optimizer step")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--threshold", "1.0"], "--threshold 1.0 must be below 1"),
+    (["--preference-model", "{tmp}/garbage.bin"], "garbage.bin is not a preference model's weights (unreadable"),
+])
+def test_spo_input(tmp_path, flags, fragment):
+    (tmp_path / "garbage.bin").write_bytes(b"not a state dict")
+    proc = run("spo.py", "--model", "tiny", "--output-dir", tmp_path / "run", "--spm-backbone", "tiny",
+               *[f.format(tmp=tmp_path) for f in flags])
+    one_line_error(proc, fragment.format(tmp=tmp_path))
+    assert "weights_only" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+# -----------------------------------------------------------------------------
+# A save killed half way
+
+
+def test_a_save_killed_between_its_renames_is_made_whole_on_resume(tmp_path):
+    """The state a kill -9 between the LoRA's rename and the checkpoint's leaves: the LoRA of step 2 beside the
+    checkpoint of step 1, a temporary folder, and step 2's line in metrics.jsonl. A resume removes the folder,
+    writes the checkpoint's LoRA back, and logs step 2 once."""
+    run_dir, saved = tmp_path / "run", tmp_path / "step1"
+    steps = ["--save-every", "1"]
+    train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "1", *steps)
+    shutil.copytree(run_dir, saved)
+    train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "2", "--resume", *steps)
+    straight = lora(run_dir)
+    shutil.copy(saved / "checkpoint.pt", run_dir / "checkpoint.pt")  # the kill: the checkpoint is step 1's still
+    (run_dir / (sample.SAVE_PREFIX + "x1y2")).mkdir()
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+
+    train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "1", "--resume", *steps)
+    assert all(torch.equal(a, b) for a, b in zip(lora(run_dir).values(), lora(saved).values()))
+    assert not [n for n in os.listdir(run_dir) if n.startswith(sample.SAVE_PREFIX)]
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+    train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "2", "--resume", *steps)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(lora(run_dir).values(), straight.values()))
+
