@@ -56,6 +56,13 @@ def read_index(folder):
     return files, index.get("protocol")
 
 
+def sampled_from(folder):
+    """{model, lora, lora_scale} a sample.py folder was sampled from, as its index.json records them."""
+    with open(os.path.join(folder, "index.json")) as f:
+        index = json.load(f)
+    return {k: index.get(k) for k in ("model", "lora", "lora_scale")}
+
+
 def pair_up(folders, allow_protocols=False):
     """[(file, prompt)] of the images every folder holds for the same prompts; ValueError if the folders do not pair
     up, or were sampled under different protocols (unless allow_protocols)."""
@@ -418,84 +425,158 @@ def markdown(report):
     return "\n".join(lines)
 
 
-def score_folder(scorer, folder, pairs, batch_size):
+def open_image(path):
+    """An RGB image; a file that does not decode (corrupt, truncated) is a ValueError naming it."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a broken file
+        raise ValueError(f"{path} is not a readable image ({e}): delete it and run sample.py again") from None
+
+
+def score_folder(scorer, folder, pairs, batch_size):
     scores = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        images = [Image.open(os.path.join(folder, name)).convert("RGB") for name, _ in chunk]
+        images = [open_image(os.path.join(folder, name)) for name, _ in chunk]
         scores.append(scorer(images, [prompt for _, prompt in chunk]))
     return torch.cat(scores)
 
 
-def html_report(report, scores, pairs, path, top=4, thumb=256):
-    """One self-contained HTML page: each scorer's tables; for each pair of folders, the prompts where their scores
-    differ most, side by side with the images (embedded JPEG thumbnails) and scores; a histogram (SVG) of the
-    per-prompt score differences. scores: {scorer: {folder: (N,) scores}} in the order of pairs."""
+def html_report(report, scores, pairs, path, top=4, width=256):
+    """One self-contained HTML page (inline SVG and CSS, a few lines of script for zooming; no library):
+    - a summary: each folder's win rate over the first, per scorer, with its 95% interval, as a chart and a table;
+    - the folders (the model and LoRA each was sampled from) and the protocol, as tables;
+    - per scorer, the tables of means and win rates; for each pair of folders a histogram of the per-prompt score
+      differences, and the prompts where they differ most, side by side (images shown `width` px wide, the full
+      image on click). scores: {scorer: {folder: (N,) scores}} in the order of pairs."""
     import base64
     import html
     import io
 
-    from PIL import Image
+    folders, scorers = report["folders"], list(report["scorers"])
+    name_of = {f: os.path.basename(f.rstrip("/")) for f in folders}
+    esc, encoded = html.escape, {}
 
     def image_tag(folder, name, score):
-        image = Image.open(os.path.join(folder, name)).convert("RGB")
-        image.thumbnail((thumb, thumb))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        data = base64.b64encode(buffer.getvalue()).decode()
-        return f'<figure><img src="data:image/jpeg;base64,{data}" alt="{html.escape(name)}"><figcaption>' \
-               f'{score:.4g}</figcaption></figure>'
-
-    def histogram(diffs, width=360, height=120, bins=20):
-        lo, hi = min(diffs.min().item(), -1e-12), max(diffs.max().item(), 1e-12)
-        counts = torch.histc(diffs.float(), bins=bins, min=lo, max=hi)
-        bar = width / bins
-        rects = "".join(f'<rect x="{i * bar:.1f}" y="{height - height * c / counts.max():.1f}" width="{bar - 1:.1f}" '
-                        f'height="{height * c / counts.max():.1f}"/>' for i, c in enumerate(counts.tolist()))
-        zero = width * (0 - lo) / (hi - lo)
-        return (f'<svg width="{width}" height="{height + 16}" class="hist">{rects}<line x1="{zero:.1f}" '
-                f'x2="{zero:.1f}" y1="0" y2="{height}"/><text x="0" y="{height + 14}">{lo:.3g}</text>'
-                f'<text x="{width - 40}" y="{height + 14}">{hi:.3g}</text></svg>')
+        if (folder, name) not in encoded:  # each image embedded once, at its full size
+            buffer = io.BytesIO()
+            open_image(os.path.join(folder, name)).save(buffer, format="JPEG", quality=90)
+            encoded[folder, name] = base64.b64encode(buffer.getvalue()).decode()
+        return (f'<figure><img class="zoom" width="{width}" src="data:image/jpeg;base64,{encoded[folder, name]}" '
+                f'alt="{esc(name)}" title="{esc(name)}: click for the full image"><figcaption>{score:.4g}'
+                "</figcaption></figure>")
 
     def label(folder):  # the folder's own name, its path on hover
-        return f'<span title="{html.escape(folder)}">{html.escape(os.path.basename(folder.rstrip("/")))}</span>'
+        return f'<span title="{esc(folder)}">{esc(name_of[folder])}</span>'
 
+    def summary_chart(rows, w=560, row_h=26, left=150, right=20):
+        """rows: [(label, winrate, (lo, hi))] -> an SVG: a dot and its interval per row on a 0-100% axis."""
+        height = row_h * len(rows) + 46
+        x = lambda v: left + v * (w - left - right)  # noqa: E731
+        parts = [f'<line class="axis" x1="{x(0)}" x2="{x(1)}" y1="{height - 36}" y2="{height - 36}"/>',
+                 f'<line class="even" x1="{x(.5)}" x2="{x(.5)}" y1="4" y2="{height - 36}"/>']
+        for v in (0, .25, .5, .75, 1):
+            parts.append(f'<text x="{x(v)}" y="{height - 22}" text-anchor="middle">{100 * v:.0f}%</text>')
+        parts.append(f'<text x="{x(.5)}" y="{height - 4}" text-anchor="middle">win rate over '
+                     f"{esc(name_of[folders[0]])}, per prompt, with its 95% interval</text>")
+        for k, (name, rate, (lo, hi)) in enumerate(rows):
+            y = 14 + k * row_h
+            parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{esc(name)}</text>'
+                         f'<line class="ci" x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y}" y2="{y}"/>'
+                         f'<circle cx="{x(rate):.1f}" cy="{y}" r="5"><title>{100 * rate:.1f}% '
+                         f'({100 * lo:.1f}-{100 * hi:.1f}%)</title></circle>')
+        return f'<svg class="summary" width="{w}" height="{height}" role="img">{"".join(parts)}</svg>'
+
+    def histogram(diffs, a, b, w=420, h=120, bins=20, left=40, bottom=34):
+        lo, hi = min(diffs.min().item(), 0.0), max(diffs.max().item(), 0.0)
+        hi = hi if hi > lo else lo + 1e-12
+        counts = torch.histc(diffs.float(), bins=bins, min=lo, max=hi)
+        top_count, bar = max(counts.max().item(), 1), (w - left) / bins
+        rects = "".join(f'<rect x="{left + i * bar:.1f}" y="{h - h * c / top_count:.1f}" width="{bar - 1:.1f}" '
+                        f'height="{h * c / top_count:.1f}"><title>{int(c)} prompts</title></rect>'
+                        for i, c in enumerate(counts.tolist()))
+        zero = left + (w - left) * (0 - lo) / (hi - lo)
+        return (f'<svg class="hist" width="{w + 10}" height="{h + bottom + 4}">{rects}'
+                f'<line class="zero" x1="{zero:.1f}" x2="{zero:.1f}" y1="0" y2="{h}"/>'
+                f'<line class="axis" x1="{left}" x2="{w}" y1="{h}" y2="{h}"/>'
+                f'<line class="axis" x1="{left}" x2="{left}" y1="0" y2="{h}"/>'
+                f'<text x="{left}" y="{h + 14}" text-anchor="middle">{lo:.3g}</text>'
+                + (f'<text x="{zero:.1f}" y="{h + 14}" text-anchor="middle">0</text>'
+                   if left + 30 < zero < w - 30 else "") +
+                f'<text x="{w}" y="{h + 14}" text-anchor="middle">{hi:.3g}</text>'
+                f'<text x="{(left + w) / 2}" y="{h + 30}" text-anchor="middle">score of {esc(a)} minus score of '
+                f'{esc(b)}, per prompt</text>'
+                f'<text x="{left - 6}" y="10" text-anchor="end">{int(top_count)}</text>'
+                f'<text x="{left - 6}" y="{h}" text-anchor="end">0</text>'
+                f'<text transform="translate(12 {h / 2}) rotate(-90)" text-anchor="middle">prompts</text></svg>')
+
+    def table(header, rows):
+        return ("<table><tr>" + "".join(f"<th>{c}</th>" for c in header) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+    body = [f"<h1>{esc(name_of[folders[0]])} against {', '.join(esc(name_of[f]) for f in folders[1:])}</h1>",
+            f"<p>{report['prompts']} prompts, {report['images']} images a folder; scorers: {', '.join(scorers)}.</p>",
+            "<h2>Summary</h2>"]
+    rows, cells = [], []
+    for b in folders[1:]:
+        for name in scorers:
+            w = report["scorers"][name]["winrates"][b][folders[0]]
+            rows.append((f"{name_of[b]}, {name}" if len(folders) > 2 else name, w["winrate"], w["ci95"]))
+            cells.append([label(b), esc(name), f"{100 * w['winrate']:.1f}%",
+                          f"{100 * w['ci95'][0]:.1f}-{100 * w['ci95'][1]:.1f}%", str(w["prompts"])])
+    body += [summary_chart(rows), table(["folder", "scorer", f"win rate over {esc(name_of[folders[0]])}",
+                                         "95% interval", "prompts"], cells)]
+    sources = report.get("sources", {})
+    body += ["<h2>Folders</h2>", table(["folder", "model", "LoRA", "LoRA scale"], [
+        [label(f), esc(str(sources.get(f, {}).get("model") or "")), esc(str(sources.get(f, {}).get("lora") or "none")),
+         esc(str(sources.get(f, {}).get("lora_scale", "")) if sources.get(f, {}).get("lora") else "")]
+        for f in folders])]
+    protocol = report.get("protocol") or {}
+    body += ["<h2>Protocol</h2>", table(["setting", "value"], [[esc(k.replace("_", " ")), esc(str(v))]
+                                                              for k, v in protocol.items()])]
     prompts = [p for _, p in pairs]
     order = list(dict.fromkeys(prompts))
-    rows = {p: [i for i, q in enumerate(prompts) if q == p] for p in order}
-    body = [f"<h1>{len(report['folders'])} folders, {report['prompts']} prompts, {report['images']} images each</h1>",
-            f"<p>protocol: {html.escape(json.dumps(report['protocol']))}</p>"]
+    by = {p: [i for i, q in enumerate(prompts) if q == p] for p in order}
     for name, result in report["scorers"].items():
-        folders = report["folders"]
-        head = "".join(f"<th>vs {label(b)}</th>" for b in folders)
-        lines = ""
-        for a in folders:
-            mean, (lo, hi) = result["means"][a]["mean"], result["means"][a]["ci95"]
-            wins = "".join("<td></td>" if a == b else f"<td>{100 * result['winrates'][a][b]['winrate']:.1f}%</td>"
-                           for b in folders)
-            lines += f"<tr><td>{label(a)}</td><td>{mean:.4g}</td><td>{lo:.4g}-{hi:.4g}</td>{wins}</tr>"
-        body.append(f"<h2>{html.escape(name)}</h2><table><tr><th>folder</th><th>mean</th><th>95% CI</th>{head}</tr>"
-                    f"{lines}</table><p>vs: the row's win rate over the column's, per prompt (ties half)</p>")
+        header = ["folder", "mean", "95% CI", *[f"vs {label(b)}" for b in folders]]
+        body.append(f"<h2>{esc(name)}</h2>" + table(header, [
+            [label(a), f"{result['means'][a]['mean']:.4g}",
+             f"{result['means'][a]['ci95'][0]:.4g} to {result['means'][a]['ci95'][1]:.4g}",
+             *["" if a == b else f"{100 * result['winrates'][a][b]['winrate']:.1f}%" for b in folders]]
+            for a in folders]) + "<p>vs: the row's win rate over the column's, per prompt (ties half).</p>")
         for ia, a in enumerate(folders):
             for b in folders[ia + 1:]:
                 diff = scores[name][a].double() - scores[name][b].double()
-                per_prompt = torch.stack([diff[rows[p]].mean() for p in order])
-                body.append(f"<h3>{label(a)} against {label(b)}: per-prompt score difference</h3>"
-                            + histogram(per_prompt))
+                per_prompt = torch.stack([diff[by[p]].mean() for p in order])
+                body.append(f"<h3>{label(a)} against {label(b)}</h3>"
+                            + histogram(per_prompt, name_of[a], name_of[b])
+                            + f"<p>The {min(top, len(order))} prompts where they differ most:</p>")
                 for k in per_prompt.abs().argsort(descending=True)[:top].tolist():
-                    p, idx = order[k], rows[order[k]]
-                    cells = "".join(f'<div class="side"><b>{label(f)}</b><br>' + "".join(
+                    p, idx = order[k], by[order[k]]
+                    sides = "".join(f'<div class="side"><b>{label(f)}</b><br>' + "".join(
                         image_tag(f, pairs[i][0], scores[name][f][i].item()) for i in idx) + "</div>" for f in (a, b))
-                    body.append(f'<div class="pair"><p>{html.escape(p)} (difference {per_prompt[k].item():+.4g})</p>'
-                                f"{cells}</div>")
-    page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>evaluation</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-            "padding:4px 8px}figure{display:inline-block;margin:4px}.side{display:inline-block;vertical-align:top;"
-            "margin-right:2em}.hist rect{fill:#4a7}.hist line{stroke:#c33}</style></head><body>" + "".join(body)
-            + "<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded=[...document.images]"
-            ".filter(i=>i.complete&&i.naturalWidth>0).length})</script></body></html>")
+                    body.append(f'<div class="pair"><p>{esc(p)} (difference {per_prompt[k].item():+.4g})</p>'
+                                f"{sides}</div>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}figure{display:inline-block;margin:4px}"
+             "img.zoom{cursor:zoom-in;height:auto;image-rendering:auto}.side{display:inline-block;vertical-align:top;"
+             "margin-right:2em}svg text{font-size:12px;fill:#333}.hist rect{fill:#4a7}.zero{stroke:#c33}"
+             ".axis{stroke:#555}.even{stroke:#999;stroke-dasharray:4 3}.summary circle{fill:#2563eb}"
+             ".ci{stroke:#2563eb;stroke-width:3}#full{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);"
+             "cursor:zoom-out;align-items:center;justify-content:center}#full.on{display:flex}"
+             "#full img{max-width:95vw;max-height:95vh}")
+    script = ("const full=document.getElementById('full');document.addEventListener('click',e=>{"
+              "if(e.target.classList.contains('zoom')){full.firstChild.src=e.target.src;full.classList.add('on')}"
+              "else if(full.contains(e.target)){full.classList.remove('on')}});"
+              "window.addEventListener('load',()=>{const shown=[...document.querySelectorAll('img.zoom')];"
+              "document.body.dataset.imagesLoaded=shown.filter(i=>i.complete&&i.naturalWidth>0).length;"
+              "document.body.dataset.narrowestImage=Math.min(...shown.map(i=>i.getBoundingClientRect().width))})")
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>evaluation: {esc(name_of[folders[0]])}</title>'
+            f"<style>{style}</style></head><body>{''.join(body)}<div id=\"full\"><img alt=\"full image\"></div>"
+            f"<script>{script}</script></body></html>")
     with open(path + ".tmp", "w") as f:
         f.write(page)
     os.replace(path + ".tmp", path)
@@ -552,9 +633,18 @@ def load_scorer(name, args, device):
 def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     folders = args.folders
-    try:
+    try:  # every check before a scorer loads
         if len(folders) < 2:
             raise ValueError("give two or more folders to compare")
+        same = [f for i, f in enumerate(folders) if os.path.realpath(f) in map(os.path.realpath, folders[:i])]
+        if same:
+            raise ValueError(f"{same[0]} is given twice: compare different folders")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+        for flag, path, folder in (("--out", args.out, False), ("--markdown", args.markdown, False),
+                                   ("--html", args.html, True)):
+            if path:
+                sample.check_output(path, flag, folder)
         pairs = pair_up(folders, args.allow_protocol_mismatch)
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -570,10 +660,14 @@ def main(args):
                      f"{str(e).splitlines()[0] if str(e) else ''}")
     prompts = [prompt for _, prompt in pairs]
     report = {"folders": folders, "prompts": len(set(prompts)), "images": len(pairs),
-              "protocol": read_index(folders[0])[1], "scorers": {}}
+              "protocol": read_index(folders[0])[1], "sources": {f: sampled_from(f) for f in folders}, "scorers": {}}
     all_scores = {}
     for name, scorer in scorers.items():
-        all_scores[name] = scores = {folder: score_folder(scorer, folder, pairs, args.batch_size) for folder in folders}
+        try:
+            scores = {folder: score_folder(scorer, folder, pairs, args.batch_size) for folder in folders}
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        all_scores[name] = scores
         report["scorers"][name] = result = compare(scores, prompts)
         a = folders[0]
         for b in folders[1:]:
@@ -585,9 +679,13 @@ def main(args):
     print(table)
     for path, text in ((args.out, json.dumps(report, indent=1)), (args.markdown, table)):
         if path:
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)
+            try:
+                with open(path + ".tmp", "w") as f:
+                    f.write(text)
+                os.replace(path + ".tmp", path)
+            finally:
+                if os.path.exists(path + ".tmp"):
+                    os.remove(path + ".tmp")
     if args.html:
         os.makedirs(args.html, exist_ok=True)
         html_report(report, all_scores, pairs, os.path.join(args.html, "index.html"))
@@ -595,4 +693,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    import data
+
+    data.run_main(main, parse_args())

@@ -12,9 +12,9 @@ from PIL import Image
 import ncp_dpo
 import sample
 from helpers import ROOT, env
+from test_sample_eval import scorer_dir  # noqa: F401 (a fixture)
 
-NOISE = ["gemm_4bit_forward", "requires torchvision", "worker processes", "FutureWarning", "should be kept in float32",
-         "Traceback"]
+NOISE = [*sample.KNOWN_NOISE.values(), "worker processes", "FutureWarning", "Traceback"]
 
 
 def run(cwd, *cmd, check=True):
@@ -38,6 +38,27 @@ def test_first_run_as_written_is_quiet_and_default_output_dirs_do_not_collide(tm
     out = run(tmp_path, sys.executable, os.path.join(ROOT, "sample.py"), "--model", "tiny", "--lora",
               "runs/dpo-ncp-tiny", "--prompts", str(prompts), "--out", "samples/ncp", "--steps", "2")
     assert not [n for n in NOISE if n in out], out[-3000:]
+
+
+def test_every_entry_point_is_quiet(tmp_path, scorer_dir):  # noqa: F811
+    """evaluate.py, spo.py and spm.py print none of the libraries' known noise either (the training scripts and
+    sample.py: the test above)."""
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    for name in ("a", "b"):
+        run(tmp_path, sys.executable, os.path.join(ROOT, "sample.py"), "--model", "tiny", "--prompts", "prompts.txt",
+            "--out", name, "--steps", "1", "--seed", str(len(name) + ord(name)))
+    outputs = {
+        "evaluate.py": run(tmp_path, sys.executable, os.path.join(ROOT, "evaluate.py"), "a", "b", "--pickscore-model",
+                           scorer_dir, "--pickscore-processor", scorer_dir, "--html", "page"),
+        "spo.py": run(tmp_path, sys.executable, os.path.join(ROOT, "spo.py"), "--model", "tiny", "--preference-model",
+                      "tiny", "--epochs", "1", "--max-steps", "1", "--output-dir", "spo"),
+        "spm.py": run(tmp_path, sys.executable, os.path.join(ROOT, "spm.py"), "--backbone", "tiny", "--image",
+                      "a/00000_0.png", "--prompt", "a red circle", "--t", "500"),
+    }
+    for script, out in outputs.items():
+        assert not [n for n in NOISE if n in out], f"{script}: {out[-3000:]}"
+    assert "wins" in outputs["evaluate.py"] and "done: step 1" in outputs["spo.py"]
+    assert outputs["spm.py"].strip().endswith("a/00000_0.png")
 
 
 def test_the_tiny_preset_runs_under_torchrun_on_two_processes(tmp_path):
@@ -90,69 +111,96 @@ def test_validation_grids_change_nothing_in_the_run(tmp_path):
     assert (first != last).any()  # the LoRA changed the samples
 
 
-FAKES = {
-    "wandb.py": '''
-import json, os
-class _Run:
-    def log(self, values, step):
-        with open(os.environ["FAKE_REPORT"], "a") as f:
-            f.write(json.dumps({"step": step, **{k: (v if isinstance(v, (int, float)) else "image") for k, v in values.items()}}) + "\\n")
-    def finish(self):
-        pass
-def init(project, dir, config, name):
-    assert config["model"] == "tiny"
-    return _Run()
-class Image:
-    def __init__(self, image):
-        self.size = image.size
-''',
-    "tensorboard/__init__.py": "",
-    "sitecustomize.py": '''
-import json, os, sys, types
-fake = types.ModuleType("torch.utils.tensorboard")
-class SummaryWriter:
-    def __init__(self, log_dir):
-        self.rows = {}
-    def add_scalar(self, name, value, step):
-        self.rows.setdefault(step, {"step": step})[name] = value
-    def add_image(self, name, array, step, dataformats):
-        self.rows.setdefault(step, {"step": step})[name] = "image"
-    def close(self):
-        with open(os.environ["FAKE_REPORT"], "a") as f:
-            for row in self.rows.values():
-                f.write(json.dumps(row) + "\\n")
-fake.SummaryWriter = SummaryWriter
-sys.modules["torch.utils.tensorboard"] = fake
-''',
-}
+def reporter_run(tmp_path, kind):
+    """A tiny 2-step run sending its metrics and validation images (steps 0 and 2) to `kind`, offline."""
+    from helpers import FAST
 
-
-@pytest.mark.parametrize("kind", ["wandb", "tensorboard"])
-def test_report_to_sends_what_metrics_jsonl_holds(tmp_path, kind):
-    """The packages are optional and not installed here: stand-ins record what the run sends them."""
-    import json
-
-    from helpers import FAST, metrics
-
-    for name, text in FAKES.items():
-        (tmp_path / "fakes" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "fakes" / name).write_text(text)
     (tmp_path / "prompts.txt").write_text("a red circle\n")
-    report = tmp_path / "report.jsonl"
-    cmd = [sys.executable, os.path.join(ROOT, "ncp_dpo.py"), "--output-dir", str(tmp_path / "out"), *FAST,
-           "--model", "tiny", "--max-steps", "2", "--report-to", kind, "--validation-prompts", str(tmp_path / "prompts.txt"),
+    cmd = [sys.executable, os.path.join(ROOT, "ncp_dpo.py"), "--output-dir", str(tmp_path / "out"), *FAST, "--model",
+           "tiny", "--max-steps", "2", "--report-to", kind, "--validation-prompts", str(tmp_path / "prompts.txt"),
            "--validation-every", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                          env={**env(), "PYTHONPATH": f"{tmp_path / 'fakes'}{os.pathsep}{ROOT}", "FAKE_REPORT": str(report)})
+                          env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stdout[-3000:]
+    return tmp_path / "out"
+
+
+def logged(out):
+    """metrics.jsonl as {step: {name: value}}, the numbers a reporter must have received."""
+    from helpers import metrics
+
+    return {r["step"]: {k: v for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+            for r in metrics(out)}
+
+
+def test_tensorboard_event_file_holds_the_metrics_and_the_validation_grids(tmp_path):
+    """Read back with tensorboard's own reader."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    out = reporter_run(tmp_path, "tensorboard")
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={SCALARS: 0, IMAGES: 0}).Reload()
     sent = {}
-    for line in report.read_text().splitlines():
-        row = json.loads(line)
-        sent.setdefault(row.pop("step"), {}).update(row)
-    assert sent[0] == {"validation": "image"} and sent[2]["validation"] == "image"
-    for record in metrics(tmp_path / "out"):
-        assert {k: v for k, v in sent[record["step"]].items() if k != "validation"} == \
-            {k: v for k, v in record.items() if k != "step"}
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            sent.setdefault(event.step, {})[tag] = event.value
+    expected = logged(out)
+    assert sent.keys() == expected.keys() == {1, 2} and all(sent[s].keys() == expected[s].keys() for s in sent)
+    for step, values in expected.items():
+        for name, value in values.items():  # stored as float32
+            assert sent[step][name] == pytest.approx(value, rel=1e-6, abs=1e-30), (step, name)
+    grids = events.Images("validation")
+    assert [g.step for g in grids] == [0, 2]
+    assert Image.open(io.BytesIO(grids[-1].encoded_image_string)).size == (32, 32)  # one 32 px image
+
+
+def wandb_records(path):
+    """The records of a .wandb file, in wandb's own protobuf types. The file is a LevelDB-style log: a 7-byte
+    header (':W&B', magic, version), then 32 KiB blocks of chunks (CRC32, length, type: 1 whole, 2 first,
+    3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    records, pos, pending, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if left < 7 or (kind == 0 and length == 0):  # the block's zero padding
+            pos += left
+            continue
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_offline_run_holds_the_args_and_the_metrics(tmp_path):
+    """WANDB_MODE=offline: no account, no network. The run file's config and history, read back."""
+    import glob
+    import json
+
+    out = reporter_run(tmp_path, "wandb")
+    (path,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    config, history = {}, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        updates = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        config.update({u.key: json.loads(u.value_json) for u in updates})
+        if kind == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history.setdefault(row.pop("_step"), {}).update(row)
+    assert config["model"] == "tiny" and config["max_steps"] == 2
+    assert config["beta"] == 2500 and config["space"] == "ncp"
+    for step, values in logged(out).items():
+        assert {k: history[step][k] for k in values} == values  # exact: JSON round trip
+    for step in (0, 2):  # the grid as wandb keeps an image: its fields under nested keys
+        assert history[step]["validation/_type"] == "image-file" and history[step]["validation/width"] == 32
+    assert len(glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "validation_*.png"))) == 2
 
 
 def test_a_missing_reporter_package_fails_at_start_with_the_pip_command(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -274,9 +275,10 @@ def test_evaluate_bad_input(tmp_path, scorer_dir):
     image = Image.new("RGB", (32, 32))
     make_folder(tmp_path / "a", ["x", "y"], [image, image])
     make_folder(tmp_path / "b", ["x", "z"], [image, image])
+    make_folder(tmp_path / "c", ["x", "y"], [image, image])
     for a, b, scorer, message in [(tmp_path / "a", tmp_path / "b", scorer_dir, "do not pair up"),
                                   (tmp_path / "a", tmp_path / "none", scorer_dir, "has no index.json"),
-                                  (tmp_path / "a", tmp_path / "a", str(tmp_path / "no-scorer"),
+                                  (tmp_path / "a", tmp_path / "c", str(tmp_path / "no-scorer"),
                                    "cannot load the pickscore scorer")]:
         with pytest.raises(SystemExit) as e:
             evaluate_main(a, b, scorer=scorer, out=tmp_path / "report.json")
@@ -284,7 +286,7 @@ def test_evaluate_bad_input(tmp_path, scorer_dir):
         assert not os.path.exists(tmp_path / "report.json")
     os.remove(tmp_path / "a" / sample.image_name(1, 0))
     with pytest.raises(SystemExit, match="lacks 1 of its images"):
-        evaluate_main(tmp_path / "a", tmp_path / "a", scorer=scorer_dir, out=tmp_path / "report.json")
+        evaluate_main(tmp_path / "a", tmp_path / "c", scorer=scorer_dir, out=tmp_path / "report.json")
 
 
 def test_torchrun_shards_prompts_and_matches_one_process(tmp_path, prompts):
@@ -318,7 +320,14 @@ def test_html_report_renders_with_its_images_in_a_browser(tmp_path, scorer_dir):
     evaluate_main(*folders, scorer=scorer_dir, out=tmp_path / "r.json", extra=["--html", str(tmp_path / "page")])
     page = (tmp_path / "page" / "index.html").read_text()
     top = 3  # prompts shown per pair of folders (all three here), 2 images a side
-    assert page.count("<img ") == 3 * top * 2 * 2 and page.count("<svg") == 3 and f'title="{folders[1]}">base<' in page
+    assert page.count('<img class="zoom"') == 3 * top * 2 * 2 and f'title="{folders[1]}">base<' in page
+    assert page.count('<svg class="hist"') == 3 and page.count("score of ncp minus score of base, per prompt") == 1
+    summary = re.search(r'<svg class="summary".*?</svg>', page).group(0)  # base and dpo over ncp: a dot each
+    assert summary.count("<circle") == 2 and "win rate over ncp" in summary
+    report = json.load(open(tmp_path / "r.json"))
+    w = report["scorers"]["pickscore"]["winrates"][str(folders[2])][str(folders[0])]
+    assert f"<td>{100 * w['winrate']:.1f}%</td><td>{100 * w['ci95'][0]:.1f}-{100 * w['ci95'][1]:.1f}%</td>" in page
+    assert "<td>scheduler</td><td>euler</td>" in page and "<td>images per prompt</td><td>1</td>" in page
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no Chromium to render the page in (.ci/run installs Debian's chromium)")
@@ -326,6 +335,7 @@ def test_html_report_renders_with_its_images_in_a_browser(tmp_path, scorer_dir):
     url = (tmp_path / "page" / "index.html").as_uri()
     dom = subprocess.run(run + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert 'data-images-loaded="36"' in dom  # every image decoded by the browser
+    assert 'data-narrowest-image="256"' in dom and '<svg class="summary"' in dom  # legible; the chart is there
     subprocess.run(run + [f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1000,1400", url],
                    capture_output=True, timeout=120)
     shot = np.asarray(Image.open(tmp_path / "shot.png").convert("L"))

@@ -3,6 +3,7 @@ its reference's forward written out here in plain torch; and every scorer at onc
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -314,7 +315,9 @@ def test_all_scorers_self_half_better_wins_per_prompt_and_the_page(tmp_path, sco
         assert w["winrate"] == 1.0 and w["prompts"] == 4 and w["images"] == 8
         assert len(report["scorers"][name]["winrates"]) == 3  # the matrix: every folder against the two others
     page = (tmp_path / "page-imagereward" / "index.html").read_text()
-    assert all(f"<h2>{name}</h2>" in page for name in evaluate.SCORERS) and page.count("<svg") == 3 * 5
+    assert all(f"<h2>{name}</h2>" in page for name in evaluate.SCORERS)
+    assert page.count("<svg class=\"hist\"") == 3 * 5 and page.count("<svg class=\"summary\"") == 1  # 3 folder pairs
+    assert re.search(r"<svg class=\"summary\".*?</svg>", page).group(0).count("<circle") == 2 * 5  # 2 folders, 5 scorers
 
 
 def test_a_scorer_that_cannot_load_is_named(tmp_path, scorer_dir, hps_file, imagereward_files):  # noqa: F811
