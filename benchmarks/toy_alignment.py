@@ -169,6 +169,10 @@ def sample_radius(base, lora_dir, n_per_color, seed):
 
 @torch.no_grad()
 def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 200, 400, 700)):
+    """(implicit accuracy, drift) on the held-out pairs at fixed timesteps and noise. The drift is the mean squared
+    difference of the policy's and the reference's noise predictions, ||eps_theta - eps_ref||^2 per element: up to
+    each timestep's weight, the KL divergence of the policy's reverse step from the reference's, the quantity
+    DPO's implicit regularisation holds down, measured on the data whatever the space the run trained in."""
     models = sample.load_models(base)
     sample.load_lora(models.unet, lora_dir)
     pairs, _ = data.preference_pairs(folder, "validation")
@@ -177,7 +181,7 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
     g = torch.Generator().manual_seed(seed)
     x0 = sample.encode_images(models.vae, pixels, generator=g)
     cond = sample.encode_prompt(models, [b["caption"] for b in batch], repeat=2)
-    n, wins = len(batch), []
+    n, wins, drift = len(batch), [], []
     for step in timesteps:
         t = torch.full((2 * n,), step)
         noise = torch.randn(x0[:n].shape, generator=g).repeat(2, 1, 1, 1)
@@ -185,17 +189,19 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
         x_t = models.scheduler.add_noise(x0, noise, t)
         target = None if space == "latent" else \
             encoder.target_features(models.unet, models.scheduler, x_t, t, noise, z, cond, depth)  # once for both
-        errors = []
+        errors, preds = [], []
         for policy in (True, False):
             with encoder.base_weights(models.unet) if not policy else contextlib.nullcontext():
                 pred = models.unet(x_t, t, **cond).sample
             err = encoder.latent_error(pred, noise) if space == "latent" else \
                 encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, depth, target)
             errors.append(err)
+            preds.append(pred.float())
         e, ref = errors
+        drift.append((preds[0] - preds[1]).square().mean())
         inside = (ref[:n] - ref[n:]) - (e[:n] - e[n:])
         wins.append((inside > 0).float() + 0.5 * (inside == 0).float())
-    return torch.stack(wins).mean().item()
+    return torch.stack(wins).mean().item(), torch.stack(drift).mean().item()
 
 
 # -----------------------------------------------------------------------------
@@ -210,15 +216,18 @@ def summarise(runs, steps):
     groups = {}
     for key, rows in runs.items():
         groups.setdefault(key.rsplit("-seed", 1)[0], []).append(rows)
-    lines = ["| run | seeds | " + " | ".join(f"step {s}" for s in steps) + " | held-out accuracy at the end |",
-             "| --- | --- |" + " --- |" * (len(steps) + 1)]
+    lines = ["| run | seeds | " + " | ".join(f"step {s}" for s in steps) + " | held-out accuracy at the end | "
+             "drift at the end | beta x margin, median at the end | saturated at the end |",
+             "| --- | --- |" + " --- |" * (len(steps) + 4)]
     for group, members in groups.items():
         cells = []
         for i in range(len(steps)):
             values = [m[i]["radius"] for m in members if len(m) > i]
             cells.append(f"{np.mean(values):.2f}" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""))
-        acc = [m[-1]["heldout_accuracy"] for m in members]
-        lines.append(f"| {group} | {len(members)} | " + " | ".join(cells) + f" | {np.mean(acc):.3f} |")
+        ends = {k: [m[-1][k] for m in members if k in m[-1]] for k in ("heldout_accuracy", "drift",
+                                                                          "beta_margin_p50", "saturated")}
+        ends = [f"{np.mean(v):.3g}" if v else "" for v in ends.values()]  # runs measured before: no drift, regime
+        lines.append(f"| {group} | {len(members)} | " + " | ".join(cells + ends) + " |")
     return lines
 
 
@@ -285,9 +294,15 @@ def main():
                 cmd += ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
                 subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 radius, right, _ = sample_radius(base, out, args.samples_per_color, args.seed)
-                acc = heldout_accuracy(base, out, folder, space, "mid", args.seed)
-                rows.append({"step": k, "radius": radius, "colour_right": right, "heldout_accuracy": acc})
-                log(f"{key} step {k}: radius {radius:.2f} px, right colour {right:.2f}, held-out accuracy {acc:.3f}")
+                acc, drift = heldout_accuracy(base, out, folder, space, "mid", args.seed)
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    last = json.loads(f.readlines()[-1])  # the loss's regime over the last logged window
+                regime = {k: last[k] for k in ("beta_margin_p10", "beta_margin_p50", "beta_margin_p90", "saturated")
+                          if k in last}
+                rows.append({"step": k, "radius": radius, "colour_right": right, "heldout_accuracy": acc,
+                             "drift": drift, **regime})
+                log(f"{key} step {k}: radius {radius:.2f} px, right colour {right:.2f}, held-out accuracy {acc:.3f}, "
+                    f"drift {drift:.3g}" + "".join(f", {k} {v:.3g}" for k, v in regime.items()))
             results["runs"][key] = rows
             json.dump(results, open(path, "w"), indent=1)  # after every run: an interrupted sweep keeps its runs
     lines = summarise(results["runs"], steps)
