@@ -378,7 +378,8 @@ def load_run(args, ddp, local_rank, world_size, master, device):
         pairs, counts = data.preference_pairs(source, args.split, args.filter)
         dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed,
                                          winners_only=OBJECTIVE == "sft")
-        dataset[0]  # one item read now: data none of which decodes (all images null, say) fails here, in one line
+        if master:  # one item read now: data none of which decodes (all images null) fails here, in one line
+            dataset[0]  # (a parquet row group, up to hundreds of MB: once, not once per rank)
         validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
         sample.check_reporter(args.report_to)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]

@@ -279,9 +279,7 @@ def check_run(args):
     if args.preference_model not in ("tiny", "identity") and not os.path.isfile(args.preference_model):
         raise ValueError(f"--preference-model {args.preference_model}: no such file (download the .bin of "
                          f"{spm.RELEASED}, or pass tiny)")
-    for flag in ("output_dir", "cache_latents", "image_store"):
-        if getattr(args, flag, None):
-            sample.check_output(getattr(args, flag), "--" + flag.replace("_", "-"))
+    sample.check_output(args.output_dir, "--output-dir")
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if not os.path.exists(path):
         if args.resume:
