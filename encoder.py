@@ -27,7 +27,24 @@ Two ways to compute e^NCP (`method`), chosen by the precision the encoder runs i
   Its cost and memory (see `jvp` below): one primal pass for all tangents, a tangent pass each, and a backward
   stage by stage that never holds more than one stage's activations nor any whole attention matrix.
 
-Copy this file as it is: it depends on torch and on a diffusers UNet2DConditionModel only.
+Beyond the U-Net: Stable Diffusion 3.5 (rectified flow, an MMDiT). The same construction, derived for a flow:
+- the process: x_s = (1 - s) x0 + s eps, s in (0, 1]; the model predicts the velocity v = eps - x0. s is drawn as
+  SD3 trains: u ~ logit-normal(0, 1) picks a point of the scheduler's 1000-point grid, after its shift
+  (FlowMatchEulerDiscreteScheduler, shift 3 for SD3.5), with unit loss weights (diffusers' SD3 LoRA script with
+  its default weighting, "logit_normal"). Latent errors are velocity errors, ||v_theta - (eps - x0)||^2: with
+  them Diffusion-DPO's loss is Flow-DPO's, and CPO and SFT change the same way (`target` below is eps - x0).
+- the step back: the reverse process is the ODE dx/ds = v, deterministic, so "one step back" is an Euler step
+  by Delta = s - s', s' the grid point `step_back` points below s (0 past the end):
+      x^pred = x_s - Delta v_theta,     x^* = x_s - Delta (eps - x0) = the straight path's own point at s'.
+  There is no z. One grid point is Delta = 1/1000 before the shift, 1/1000 to 3/1000 after it: the difference
+  x^pred - x^* = -Delta (v_theta - v) is smaller than a DDPM step's, and the JVP carries it the same way.
+- the encoder E: the frozen transformer's patch embedding (with its positions), its time and pooled-text
+  embedding and context embedder, and its first K joint blocks, at s'. The features are the image tokens'
+  hidden states after block K, (B, tokens, width); the text tokens take part in every block's joint attention
+  and get tangents of their own from block 1 on, but are not compared. K ("depth"): an integer, or "third", a
+  third of the blocks (8 of SD3.5 Medium's 24): the U-Net's down stack is about 31% of SD1.5's FLOPs.
+
+Copy this file as it is: it depends on torch and on a diffusers UNet2DConditionModel or SD3Transformer2DModel.
 """
 
 import inspect
@@ -41,7 +58,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 METHODS = ("direct", "jvp")
-DEPTHS = {"sd15": "mid", "sdxl": "down"}  # the authors' launchers: through the mid block for SD1.5, not for SDXL
+# The authors' launchers: through the mid block for SD1.5, not for SDXL. SD3: a third of the joint blocks.
+DEPTHS = {"sd15": "mid", "sdxl": "down", "sd3": "third"}
 
 
 def method_for(dtype):
@@ -49,12 +67,66 @@ def method_for(dtype):
     return "direct" if dtype == torch.float32 else "jvp"
 
 
-def previous_sample(scheduler, x_t, t, eps, z):
-    """DDPM reverse step x_t -> x_{t-1} with "fixed_small" variance (eq. 2), per-sample timesteps.
+def is_flow(scheduler):
+    """Whether the process is a rectified flow (FlowMatchEulerDiscreteScheduler: SD3) rather than DDPM."""
+    return not hasattr(scheduler, "alphas_cumprod")
+
+
+def noised(scheduler, x0, n, generator):
+    """The training inputs of one micro-batch, for DDPM and for a flow alike: (x_t, t, target, z).
+
+    x0: (s * n, C, h, w), s images per pair in blocks of n (winners, then losers). One t, noise and z per pair,
+    shared by its images, so that the comparison of winner and loser carries no noise of its own. t is the model's
+    timestep: DDPM's integer step, uniform; a flow's s * 1000 on the scheduler's grid, u ~ logit-normal(0, 1)
+    picking the grid point (see the module docstring). target is what the model predicts: the noise (DDPM), or the
+    velocity eps - x0 (flow). z is the reverse step's noise (eq. 12); a flow's step has none (None).
+    """
+    sides, device = len(x0) // n, x0.device
+    if not is_flow(scheduler):  # DDPM
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+        noise = torch.randn(x0[:n].shape, generator=generator, device=device).repeat(sides, 1, 1, 1)
+        z = torch.randn(x0[:n].shape, generator=generator, device=device).repeat(sides, 1, 1, 1)
+        t = t.repeat(sides)
+        return scheduler.add_noise(x0, noise, t), t, noise, z
+    u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    index = (u * len(scheduler.sigmas)).long().clamp(max=len(scheduler.sigmas) - 1).repeat(sides)
+    noise = torch.randn(x0[:n].shape, generator=generator, device=device).repeat(sides, 1, 1, 1)
+    s = scheduler.sigmas.to(device)[index].view(-1, 1, 1, 1)
+    x_t = ((1 - s) * x0.float() + s * noise).to(x0.dtype)
+    return x_t, scheduler.timesteps.to(device)[index], noise - x0, None
+
+
+def _flow_sigmas(scheduler, t, step_back):
+    """(s, s') of a flow's timesteps t (B,): s on the scheduler's grid, s' the grid point `step_back` below (0 past
+    the end). fp32, (B,) each."""
+    if step_back < 1:
+        raise ValueError(f"step_back must be at least 1, got {step_back}")
+    grid = scheduler.timesteps.to(t.device, torch.float32)
+    index = (grid[None] - t.float()[:, None]).abs().argmin(dim=1)
+    sigmas = torch.cat([scheduler.sigmas.to(t.device, torch.float32), torch.zeros(step_back, device=t.device)])
+    return sigmas[index], sigmas[index + step_back]
+
+
+def previous_timestep(scheduler, t, step_back=1):
+    """The timestep E is evaluated at: t - 1 (DDPM, 0 at 0), or a flow's s' * 1000 (see _flow_sigmas)."""
+    if not is_flow(scheduler):
+        return (t - 1).clamp(min=0)
+    return _flow_sigmas(scheduler, t, step_back)[1] * scheduler.config.num_train_timesteps
+
+
+def previous_sample(scheduler, x_t, t, eps, z, step_back=1):
+    """The step back: DDPM's reverse step x_t -> x_{t-1} with "fixed_small" variance (eq. 2), per-sample
+    timesteps; for a flow (SD3) the Euler step x_s - (s - s') v with v = eps, the predicted (or true) velocity,
+    and no z (module docstring).
 
     x_t, eps, z: (B, C, h, w); t: (B,) long. At t = 0 it returns x0_hat (abar_prev = 1, sigma = 0), as
     diffusers.DDPMScheduler.step does. Coefficients in fp32; the result has x_t's dtype.
     """
+    if is_flow(scheduler):
+        s, s_prev = _flow_sigmas(scheduler, t, step_back)
+        return (x_t.float() - (s - s_prev).view(-1, 1, 1, 1) * eps.float()).to(x_t.dtype)
+    if step_back != 1:
+        raise ValueError("a DDPM step back is one step (step_back=1)")
     abar = scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)
     abar_t = abar[t].view(-1, 1, 1, 1)
     abar_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(abar[t])).view(-1, 1, 1, 1)
@@ -68,10 +140,12 @@ def previous_sample(scheduler, x_t, t, eps, z):
 
 
 def down_stack(unet, x, t, cond, depth="mid"):
-    """The U-Net's time (+ SDXL text_time) embedding, conv_in, every down block, and the mid block if depth="mid".
+    """E: the U-Net's time (+ SDXL text_time) embedding, conv_in, every down block, and the mid block if
+    depth="mid"; or SD3's embeddings and first K joint blocks (depth K or "third", module docstring).
 
-    x: (B, C, h, w); t: (B,) long; cond: the U-Net's keyword arguments (encoder_hidden_states, and
-    added_cond_kwargs for SDXL). Returns the last hidden state (B, C', h', w'), not the skip connections.
+    x: (B, C, h, w); t: (B,) the model's timesteps; cond: the model's keyword arguments (encoder_hidden_states,
+    and added_cond_kwargs for SDXL, pooled_projections for SD3). Returns the last hidden state, (B, C', h', w') for
+    a U-Net (not the skip connections), the image tokens (B, tokens, width) for SD3.
     """
     h = x
     for stage in _stages(unet, x, t, cond, depth):
@@ -79,11 +153,29 @@ def down_stack(unet, x, t, cond, depth="mid"):
     return h
 
 
+def is_transformer(model):
+    """Whether the denoiser is SD3's transformer (joint blocks) rather than a U-Net."""
+    return hasattr(model, "transformer_blocks")
+
+
+def blocks_of(model, depth):
+    """The number K of SD3 joint blocks E runs for `depth` (an integer, or "third"). ValueError if out of range."""
+    total = len(model.transformer_blocks)
+    k = max(1, total // 3) if depth == "third" else int(depth) if str(depth).isdigit() else None
+    if k is None or not 1 <= k < total:
+        raise ValueError(f"encoder depth for this transformer must be 'third' or a number of joint blocks from 1 to "
+                         f"{total - 1}, got {depth!r}")
+    return k
+
+
 def _stages(unet, x, t, cond, depth):
-    """The encoder as a chain of functions of the hidden state: conv_in, each down block, the mid block if
-    depth="mid". The time and text embeddings, which do not depend on x, are computed here, once."""
+    """The encoder as a chain of functions of one hidden state: conv_in, each down block, the mid block if
+    depth="mid" (U-Net); the patch embedding and each of the first K joint blocks (SD3). The time and text
+    embeddings, which do not depend on x, are computed here, once."""
+    if is_transformer(unet):
+        return _joint_stages(unet, t, cond, blocks_of(unet, depth))
     if depth not in ("down", "mid"):
-        raise ValueError(f"depth must be 'down' or 'mid', got {depth!r}")
+        raise ValueError(f"depth must be 'down' or 'mid' for a U-Net, got {depth!r}")
     hidden = cond["encoder_hidden_states"]
     added = cond.get("added_cond_kwargs") or {}
     # The same embedding path as UNet2DConditionModel.forward, through the model's own helpers.
@@ -106,6 +198,24 @@ def _stages(unet, x, t, cond, depth):
     return [unet.conv_in] + [partial(run, block) for block in blocks]
 
 
+def _joint_stages(model, t, cond, k):
+    """SD3's E as stages of one state: the text tokens and the image tokens side by side along the sequence,
+    (B, text + image tokens, width), so that each joint block is a function of one tensor; the last stage keeps the
+    image tokens. The same path as SD3Transformer2DModel.forward up to block k."""
+    temb = model.time_text_embed(t, cond["pooled_projections"])
+    context = model.context_embedder(cond["encoder_hidden_states"])
+    n = context.shape[1]
+
+    def embed(x):
+        return torch.cat([context.to(x.dtype), model.pos_embed(x)], dim=1)
+
+    def run(block, last, h):
+        text, image = block(hidden_states=h[:, n:], encoder_hidden_states=h[:, :n], temb=temb)
+        return image if last else torch.cat([text, image], dim=1)
+
+    return [embed] + [partial(run, block, i == k - 1) for i, block in enumerate(model.transformer_blocks[:k])]
+
+
 @contextmanager
 def base_weights(unet):
     """Run `unet` with its PEFT adapters disabled (the frozen base model); re-enable them even on error."""
@@ -121,8 +231,7 @@ def base_weights(unet):
 
 @contextmanager
 def _no_block_checkpointing(unet):
-    blocks = [m for b in [*unet.down_blocks, unet.mid_block] for m in b.modules()
-              if hasattr(m, "gradient_checkpointing")]
+    blocks = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
     flags = [m.gradient_checkpointing for m in blocks]
     for m in blocks:
         m.gradient_checkpointing = False
@@ -139,7 +248,7 @@ def _base_features(unet, x, t_prev, cond, depth):
 
 
 def encode(unet, x, t_prev, cond, depth="mid"):
-    """E(x, t_prev, c) with the base weights. (B, C', h', w'). Safe under gradient checkpointing (see below)."""
+    """E(x, t_prev, c) with the base weights. (B, ...) as down_stack. Safe under gradient checkpointing (see below)."""
     if torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
         # The blocks' own checkpointing would recompute them during backward, when the adapters are on
         # again, and silently differentiate the LoRA model instead of the base. So the blocks do not
@@ -149,14 +258,21 @@ def encode(unet, x, t_prev, cond, depth="mid"):
     return _base_features(unet, x, t_prev, cond, depth)
 
 
+def _mean_square(x):
+    """Per-sample mean of x^2 over all but the first dimension, fp32. (B,)."""
+    return x.float().pow(2).flatten(1).mean(dim=1)
+
+
 @torch.no_grad()
-def target_features(unet, scheduler, x_t, t, noise, z, cond, depth="mid"):
-    """E(x_{t-1}^*, t-1, c): the features of the exact posterior sample, without grad. (B, C', h', w')."""
-    x_prev = previous_sample(scheduler, x_t, t, noise, z)
-    return encode(unet, x_prev, (t - 1).clamp(min=0), cond, depth)
+def target_features(unet, scheduler, x_t, t, noise, z, cond, depth="mid", step_back=1):
+    """E(x_{t-1}^*, t-1, c): the features of the exact step back, without grad. noise: the prediction's target
+    (the noise, or a flow's velocity). (B, ...) as down_stack."""
+    x_prev = previous_sample(scheduler, x_t, t, noise, z, step_back)
+    return encode(unet, x_prev, previous_timestep(scheduler, t, step_back), cond, depth)
 
 
-def perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth="mid", target=None, method="direct"):
+def perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth="mid", target=None, method="direct",
+                     step_back=1):
     """Eq. 13: per-sample mean of (E(x_{t-1}^pred) - E(x_{t-1}^*))^2 with the base weights. (B,) fp32.
 
     method "direct" (fp32) or "jvp" (half precision), see the module docstring. `target` may hold
@@ -164,46 +280,49 @@ def perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth="mid",
     Gradients flow into `pred`; the U-Net's weights get none from this call.
     """
     if method == "jvp":
-        return perceptual_errors(unet, scheduler, x_t, t, [pred], noise, z, cond, depth, method)[0]
+        return perceptual_errors(unet, scheduler, x_t, t, [pred], noise, z, cond, depth, method, step_back)[0]
     if method != "direct":
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if target is None:
-        target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth)
-    x_prev = previous_sample(scheduler, x_t, t, pred, z)
-    features = encode(unet, x_prev, (t - 1).clamp(min=0), cond, depth)
-    return (features.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth, step_back)
+    x_prev = previous_sample(scheduler, x_t, t, pred, z, step_back)
+    features = encode(unet, x_prev, previous_timestep(scheduler, t, step_back), cond, depth)
+    return _mean_square(features.float() - target.float())
 
 
-def perceptual_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth="mid", method="direct"):
+def perceptual_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth="mid", method="direct", step_back=1):
     """Eq. 13 for one or two predictions from the same x_t (policy, reference): [(B,) fp32], sharing the target.
 
     "direct" computes the target features once for both. "jvp" linearises both at one shared point and carries
     J d_1 (without grad: the reference's) and J (d_0 - d_1) as tangents, so e_0 - e_1 = mean(2 J d_1 J(d_0 - d_1) +
     (J(d_0 - d_1))^2) keeps full relative precision, and so does the DPO margin built from it; the backward runs
-    through the second tangent only.
+    through the second tangent only. noise: the predictions' target (the noise, or a flow's velocity eps - x0).
+    step_back: a flow's Euler step, in grid points (module docstring); DDPM's is one step.
     """
     if method not in METHODS or not 1 <= len(preds) <= 2:
         raise ValueError(f"method must be one of {METHODS} (got {method!r}), with one or two predictions")
     if method == "jvp":
         if len(preds) == 2 and preds[1].requires_grad:
             raise ValueError("the second prediction is the reference's and must carry no grad")
-        return _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth)
-    target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth)
-    return [perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth, target) for pred in preds]
+        return _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth, step_back)
+    target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth, step_back)
+    return [perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth, target, step_back=step_back)
+            for pred in preds]
 
 
-def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth):
-    x_star = previous_sample(scheduler, x_t.float(), t, noise, z)  # fp32 throughout: the steps are 0.1-0.4% of x
-    deltas = [previous_sample(scheduler, x_t.float(), t, pred, z) - x_star for pred in preds]  # z cancels out
+def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth, step_back):
+    step = partial(previous_sample, scheduler, x_t.float(), t, z=z, step_back=step_back)
+    x_star = step(noise)  # fp32 throughout: the steps are 0.1-0.4% of x
+    deltas = [step(pred) - x_star for pred in preds]  # z cancels out
     # The primal point: half way along the (mean) step, a central difference. A constant for the gradient.
     x_mid = (x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))).to(x_t.dtype)
-    t_prev = (t - 1).clamp(min=0)
+    t_prev = previous_timestep(scheduler, t, step_back)
     if len(deltas) == 1:
-        return [jvp(unet, x_mid, t_prev, cond, depth, deltas)[0].pow(2).mean(dim=(1, 2, 3))]
+        return [_mean_square(jvp(unet, x_mid, t_prev, cond, depth, deltas)[0])]
     # J (d_0 - d_1), the small policy-reference difference at its own scale, and J d_1 (the reference: no grad),
     # two tangents of one primal pass.
     j01, j1 = jvp(unet, x_mid, t_prev, cond, depth, [deltas[0] - deltas[1], deltas[1].detach()])
-    return [(j1 + j01).pow(2).mean(dim=(1, 2, 3)), j1.pow(2).mean(dim=(1, 2, 3))]
+    return [_mean_square(j1 + j01), _mean_square(j1)]
 
 
 # -----------------------------------------------------------------------------
@@ -243,10 +362,16 @@ def jvp(unet, x, t_prev, cond, depth, deltas):
     return [out[0]] + [out[i].detach() for i in range(1, len(deltas))]
 
 
-def _rms(x):
-    """Per-sample RMS over all but the leading (tangent, sample) dimensions, in fp32; 1 where it is 0."""
-    rms = x.detach().float().flatten(x.dim() - 3).pow(2).mean(-1).sqrt()
-    return torch.where(rms > 0, rms, torch.ones_like(rms)).view(*rms.shape, 1, 1, 1)
+def _rms(x, lead):
+    """Per-sample RMS over all but the `lead` leading (tangent, sample) dimensions, in fp32; 1 where it is 0.
+    Shape x.shape[:lead]."""
+    rms = x.detach().float().flatten(lead).pow(2).mean(-1).sqrt()
+    return torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
+def _per(scale, x):
+    """A per-(tangent, sample) scale viewed to broadcast against x, whatever x's trailing dimensions."""
+    return scale.view(*scale.shape, *[1] * (x.dim() - scale.dim()))
 
 
 class _Jvp(torch.autograd.Function):
@@ -256,8 +381,8 @@ class _Jvp(torch.autograd.Function):
     def forward(ctx, first, deltas, unet, x, t_prev, cond, depth):
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        scale = _rms(deltas)  # (n, B, 1, 1, 1)
-        tangents = (deltas / scale).to(x.dtype)
+        scale = _rms(deltas, 2)  # (n, B)
+        tangents = (deltas / _per(scale, deltas)).to(x.dtype)
         inputs = []
         with base_weights(unet), _no_block_checkpointing(unet), _JvpMode():
             stages = _stages(unet, x, t_prev, cond, depth)
@@ -267,11 +392,11 @@ class _Jvp(torch.autograd.Function):
                 # randomness="same": a U-Net in train mode calls dropout (p = 0 in SD's configs) even when frozen
                 h, tangents = torch.func.vmap(partial(torch.func.jvp, stage, (h,)), out_dims=(None, 0),
                                               randomness="same")((tangents,))
-                r = _rms(tangents)
-                scale, tangents = scale * r, (tangents / r).to(h.dtype)
+                r = _rms(tangents, 2)
+                scale, tangents = scale * r, (tangents / _per(r, tangents)).to(h.dtype)
         ctx.stages, ctx.unet = stages, unet
         ctx.save_for_backward(*inputs)
-        return tangents.float() * scale
+        return tangents.float() * _per(scale, tangents)
 
     @staticmethod
     def backward(ctx, grad):
@@ -279,12 +404,12 @@ class _Jvp(torch.autograd.Function):
         device, dtype, enabled = ctx.autocast
         with base_weights(ctx.unet), _no_block_checkpointing(ctx.unet), torch.autocast(device, dtype, enabled):
             for stage, h in reversed(list(zip(ctx.stages, ctx.saved_tensors))):
-                r = _rms(g)
+                r = _per(_rms(g, 1), g)
                 with torch.enable_grad():
                     h = h.detach().requires_grad_()
                     out = stage(h.view_as(h))  # not the leaf itself: module hooks (FlopCounterMode's) reject leaves here
                 g, = torch.autograd.grad(out, h, (g / r).to(out.dtype))
-                g = g.float() * r
+                g = g.float() * _per(r.flatten(), g)
         return g, None, None, None, None, None, None
 
 
@@ -390,6 +515,7 @@ def _attention_tangent(q, k, v, dq, dk, dv, scale=None):
     return torch.cat(out, dim=-2)
 
 
-def latent_error(pred, noise):
-    """Eq. 3: per-sample mean of (eps - eps_theta)^2 over C, H, W, the latent-space baseline. (B,) fp32."""
-    return (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+def latent_error(pred, target):
+    """Eq. 3: per-sample mean of (eps - eps_theta)^2 over C, H, W, the latent-space baseline; for a flow the
+    velocity error (v_theta - (eps - x0))^2 (target = eps - x0). (B,) fp32."""
+    return _mean_square(pred.float() - target.float())

@@ -69,6 +69,9 @@ PRESETS = {
                  max_steps=1500, lora_rank=64, gradient_checkpointing=True, filter="absolute-winners"),
     "sdxl": dict(resolution=1024, global_batch_size=512, micro_batch_size=1, lr=5.12e-6, warmup_steps=500,
                  max_steps=2000, lora_rank=64, gradient_checkpointing=True, filter="absolute-winners"),
+    # SD3.5 (no paper has NCP settings for it): SDXL's, at SD3.5's native 1024 px (docs/sd3.md says why)
+    "sd3": dict(resolution=1024, global_batch_size=512, micro_batch_size=1, lr=5.12e-6, warmup_steps=500,
+                max_steps=2000, lora_rank=64, gradient_checkpointing=True, filter="absolute-winners"),
     "tiny": dict(resolution=32, global_batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=0,
                  max_steps=60, lora_rank=8, gradient_checkpointing=False, filter="none"),
 }
@@ -89,10 +92,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    p.add_argument("--model", default="sdxl",
-                   help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
-    p.add_argument("--encoder-depth", choices=["down", "mid"], help="perceptual encoder: the down blocks, or "
-                   "through the mid block (default: " + ", ".join(f"{k} {v}" for k, v in encoder.DEPTHS.items()) + ")")
+    p.add_argument("--model", default="sdxl", help="sd15, sdxl, sd35-medium, sd35-large, tiny, tiny-sdxl, tiny-sd3, "
+                   "a diffusers pipeline dir or hub id (default: %(default)s)")
+    p.add_argument("--encoder-depth", help="perceptual encoder: U-Net: down (the down blocks) or mid (through the "
+                   "mid block); SD3: K, its first K joint blocks, or third (a third of them) (default: "
+                   + ", ".join(f"{k} {v}" for k, v in encoder.DEPTHS.items()) + ")")
+    p.add_argument("--step-back", type=int, default=1, help="SD3: the encoder's Euler step back, in points of the "
+                   "1000-point training grid (default: %(default)s; DDPM's step back is always one step)")
+    p.add_argument("--t5", action=argparse.BooleanOptionalAction, default=True,
+                   help="SD3: encode prompts with its T5 too (--no-t5: zeros in its place, as SD3 allows; saves T5's "
+                   "memory) (default: %(default)s)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + preset("lora_rank"))
     # data
     p.add_argument("--data", default=data.PICKAPIC,
@@ -183,7 +192,7 @@ def fill_defaults(args, kind):
     return args
 
 
-def check_run(args):
+def check_run(args, kind):
     """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
@@ -197,7 +206,12 @@ def check_run(args):
             ("num-workers", args.num_workers, args.num_workers >= 0, "0 or more"),
             ("dist-timeout", args.dist_timeout, args.dist_timeout > 0, "positive"),
             ("beta", getattr(args, "beta", 1), getattr(args, "beta", 1) > 0, "positive (0 learns nothing, a "
-             "negative beta prefers the loser)")]:
+             "negative beta prefers the loser)"),
+            ("step-back", args.step_back, args.step_back == 1 or kind == "sd3" and args.step_back > 1,
+             "1 (a DDPM model's step back is one step)" if kind != "sd3" else "at least 1"),
+            ("encoder-depth", args.encoder_depth, args.encoder_depth in ("down", "mid") if kind != "sd3" else
+             args.encoder_depth == "third" or args.encoder_depth.isdigit() and int(args.encoder_depth) >= 1,
+             "down or mid for a U-Net" if kind != "sd3" else "third or a number of joint blocks")]:
         if not ok:
             raise ValueError(f"--{flag} {value} must be {what}")
     for flag in ("output_dir", "cache_latents", "image_store"):
@@ -388,7 +402,7 @@ def load_run(args, ddp, local_rank, world_size, master, device):
         _, kind = sample.resolve_model(args.model)
         args = fill_defaults(args, kind)
         fresh = not os.path.exists(args.output_dir)
-        ckpt = check_run(args)
+        ckpt = check_run(args, kind)
         check_batch(args, world_size, fit=ckpt is None)
         source = args.data
         if source == "synthetic":
@@ -401,7 +415,10 @@ def load_run(args, ddp, local_rank, world_size, master, device):
         validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
         sample.check_reporter(args.report_to)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-        loaded = (args, ckpt, pairs, counts, dataset, validation, dtype, sample.load_models(args.model, dtype, device))
+        models = sample.load_models(args.model, dtype, device, t5=args.t5)
+        if kind == "sd3":
+            encoder.blocks_of(models.unet, args.encoder_depth)  # within the transformer's depth, or one line
+        loaded = (args, ckpt, pairs, counts, dataset, validation, dtype, models)
     except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
         error = f"error: {e}"
     if ddp and local_rank == 0:
@@ -537,30 +554,26 @@ def main(args):
             if stopping:
                 break
             # A micro-batch of B pairs, s images each (2: the winner, then the loser; 1 for SFT): "pixels" (B, s, 3, R,
-            # R) in [-1, 1], or "latents" (B, s, 4, R/8, R/8) from the cache; "caption" (B strings); "original_sizes"
+            # R) in [-1, 1], or "latents" (B, s, C, R/8, R/8) from the cache (C: 4, SD3's 16); "caption" (B strings); "original_sizes"
             # and "crops_top_left" (B, s, 2), SDXL's micro-conditioning; "skipped", "converted" (B,) data counts.
             batch = next(loader)
             g = torch.Generator(device).manual_seed(step_seed(args.seed, step, micro * world_size + rank))
             n = len(batch["caption"])  # B pairs
-            x0, cond = sample.model_inputs(models, batch, args.resolution, generator=g)  # (sB, 4, h, w): s = 2, or 1
-            sides = len(x0) // n  # 2: B winners then B losers; 1: winners only (SFT)
+            x0, cond = sample.model_inputs(models, batch, args.resolution, generator=g)  # (sB, C, h, w): s = 2, or 1
             # One t, noise and z (the reverse step's noise, eq. 12) per pair, shared by its images: the comparison
-            # of winner and loser then carries no noise of its own.
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g, device=device).repeat(sides)
-            noise = torch.randn(x0[:n].shape, generator=g, device=device).repeat(sides, 1, 1, 1)
-            z = torch.randn(x0[:n].shape, generator=g, device=device).repeat(sides, 1, 1, 1)
-            x_t = scheduler.add_noise(x0, noise, t)
+            # of winner and loser then carries no noise of its own. target: the noise, or SD3's velocity eps - x0.
+            x_t, t, target, z = encoder.noised(scheduler, x0, n, g)
             sync = micro == accum - 1 or not ddp
             with autocast, (nullcontext() if sync else unet.no_sync()):
                 # objective: the policy's (and reference's) errors, and the loss
-                pred = unet(x_t, t, **cond).sample  # the policy, through DDP
+                pred = unet(x_t, timestep=t, **cond).sample  # the policy, through DDP
                 with torch.no_grad(), encoder.base_weights(raw_unet):
-                    ref_pred = raw_unet(x_t, t, **cond).sample  # the reference: the same U-Net, adapters off
+                    ref_pred = raw_unet(x_t, timestep=t, **cond).sample  # the reference: the same U-Net, adapters off
                 if args.space == "latent":
-                    err, ref_err = encoder.latent_error(pred, noise), encoder.latent_error(ref_pred, noise)
+                    err, ref_err = encoder.latent_error(pred, target), encoder.latent_error(ref_pred, target)
                 else:  # eq. 13 for the policy and the reference, sharing the target (ref_pred carries no grad)
-                    err, ref_err = encoder.perceptual_errors(raw_unet, scheduler, x_t, t, [pred, ref_pred], noise, z,
-                                                             cond, args.encoder_depth, ncp_method)
+                    err, ref_err = encoder.perceptual_errors(raw_unet, scheduler, x_t, t, [pred, ref_pred], target,
+                                                             z, cond, args.encoder_depth, ncp_method, args.step_back)
                 e_w, e_l = err.chunk(2)
                 ref_e_w, ref_e_l = ref_err.chunk(2)
                 loss, metrics = dpo_loss(e_w, e_l, ref_e_w, ref_e_l, args.beta)

@@ -6,10 +6,12 @@ Generate images for a prompt list (same per-prompt seeds for every model, so run
     torchrun --nproc_per_node=4 sample.py --model sd15 --prompts validation_unique --out samples/base
 
 Library part (imported by ncp_dpo.py, ncp_cpo.py, ncp_sft.py):
-    load_models(model, dtype, device)  -> Models  (sd15 | sdxl | tiny | tiny-sdxl | local dir | hub id)
-    encode_prompt(models, captions, ...) -> cond  (the U-Net's keyword arguments, same for SD1.5 and SDXL)
-    encode_images(vae, pixels)          -> latents scaled by the VAE's scaling factor
+    load_models(model, dtype, device)  -> Models  (sd15 | sdxl | sd35-medium | sd35-large | tiny | tiny-sdxl |
+                                                   tiny-sd3 | local dir | hub id)
+    encode_prompt(models, captions, ...) -> cond  (the denoiser's keyword arguments, for SD1.5, SDXL and SD3)
+    encode_images(vae, pixels)          -> latents shifted and scaled as the VAE's config says
     add_lora / save_lora / load_lora    -> PEFT LoRA on the attention projections, diffusers' file format
+The denoiser is a U-Net (SD1.5, SDXL) or SD3's MMDiT transformer; the scripts call both `unet`.
 """
 
 import argparse
@@ -33,8 +35,16 @@ for _name, _text in KNOWN_NOISE.items():
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"  # the SDXL VAE rescaled to run in fp16/bf16 without overflow
-NAMED = {"sd15": (SD15, "sd15"), "sdxl": (SDXL, "sdxl"), "tiny": ("tiny", "sd15"), "tiny-sdxl": ("tiny-sdxl", "sdxl")}
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+SD35_LARGE = "stabilityai/stable-diffusion-3.5-large"
+NAMED = {"sd15": (SD15, "sd15"), "sdxl": (SDXL, "sdxl"), "sd35-medium": (SD35_MEDIUM, "sd3"),
+         "sd35-large": (SD35_LARGE, "sd3"), "tiny": ("tiny", "sd15"), "tiny-sdxl": ("tiny-sdxl", "sdxl"),
+         "tiny-sd3": ("tiny-sd3", "sd3")}
+TINY = {"tiny": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# SD3's joint attention has a second set of projections for the text stream: the LoRA covers both streams.
+LORA_TARGETS_SD3 = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+T5_TOKENS = 256  # SD3's T5 sequence length, StableDiffusion3Pipeline's default max_sequence_length
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -51,12 +61,13 @@ class Models:
     """The frozen components of a text-to-image latent diffusion model."""
 
     name: str
-    kind: str  # "sd15" (one CLIP text encoder) or "sdxl" (two, plus micro-conditioning)
-    unet: torch.nn.Module
+    kind: str  # "sd15" (one CLIP text encoder), "sdxl" (two, plus micro-conditioning), "sd3" (two CLIPs and T5)
+    unet: torch.nn.Module  # the denoiser: UNet2DConditionModel, or SD3Transformer2DModel for "sd3"
     vae: torch.nn.Module
-    text_encoders: list
+    text_encoders: list  # SD3: CLIP-L, CLIP-G, and T5 or None (dropped: its embeddings are zeros, as SD3 allows)
     tokenizers: list
-    scheduler: object  # DDPMScheduler, training mode, epsilon prediction, clip_sample=False
+    scheduler: object  # DDPMScheduler (training mode, epsilon, clip_sample=False); SD3: FlowMatchEulerDiscreteScheduler
+    text_tokens: int = T5_TOKENS  # SD3: T5's sequence length
 
 
 def resolve_model(model):
@@ -87,22 +98,31 @@ def resolve_model(model):
 
 
 def _kind_of(index, where):
+    if "transformer" in index and "text_encoder_3" in index and index.get("_class_name", "").startswith(
+            "StableDiffusion3"):
+        return "sd3"
     if "text_encoder_2" in index and "unet" in index:
         return "sdxl"
     if "text_encoder" in index and "unet" in index:
         return "sd15"
-    raise ModelError(f"{where}: model_index.json describes {index.get('_class_name')}, not an SD1.5- or "
-                     "SDXL-like pipeline (it needs unet, vae, text_encoder and, for SDXL, text_encoder_2)")
+    raise ModelError(f"{where}: model_index.json describes {index.get('_class_name')}, not an SD1.5-, "
+                     "SDXL- or SD3-like pipeline (it needs unet, vae, text_encoder and, for SDXL, text_encoder_2; or "
+                     "SD3's transformer and three text encoders)")
 
 
-def load_models(model, dtype=torch.float32, device="cpu"):
-    """Load the frozen components (no grad) in `dtype` on `device`. The SDXL VAE stays fp32 unless fp16-fix."""
+def load_models(model, dtype=torch.float32, device="cpu", t5=True):
+    """Load the frozen components (no grad) in `dtype` on `device`. The SDXL VAE stays fp32 unless fp16-fix.
+    t5=False: SD3 without its T5 encoder (zeros in its place, as StableDiffusion3Pipeline does without it)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source, kind = resolve_model(model)
-    if source in ("tiny", "tiny-sdxl"):
+    if source in TINY:
         models = build_tiny(kind)
+        if not t5 and kind == "sd3":
+            models.text_encoders[2] = models.tokenizers[2] = None
+    elif kind == "sd3":
+        models = _load_sd3(model, source, dtype, t5)
     else:
         try:
             sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
@@ -121,13 +141,30 @@ def load_models(model, dtype=torch.float32, device="cpu"):
         models = Models(model, kind, unet, vae, encoders, tokenizers, scheduler)
     # SDXL's original VAE overflows in half precision (its config says force_upcast); the fp16-fix one does not.
     fp16_unsafe_vae = kind == "sdxl" and source not in (SDXL, "tiny-sdxl") and models.vae.config.force_upcast
-    for module in [models.unet, models.vae, *models.text_encoders]:
+    for module in [models.unet, models.vae, *filter(None, models.text_encoders)]:
         module.requires_grad_(False).eval()
         want = torch.float32 if module is models.vae and fp16_unsafe_vae else dtype
         module.to(device=device)
         if next(module.parameters()).dtype != want:
             module.to(dtype=want)
     return models
+
+
+def _load_sd3(model, source, dtype, t5):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    try:
+        sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
+        encoders = [sub(CLIPTextModelWithProjection, "text_encoder"), sub(CLIPTextModelWithProjection, "text_encoder_2"),
+                    sub(T5EncoderModel, "text_encoder_3") if t5 else None]
+        tokenizers = [sub(CLIPTokenizer, "tokenizer"), sub(CLIPTokenizer, "tokenizer_2"),
+                      sub(AutoTokenizer, "tokenizer_3") if t5 else None]  # T5's, as its config names it
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler")
+        return Models(model, "sd3", sub(SD3Transformer2DModel, "transformer"), sub(AutoencoderKL, "vae"), encoders,
+                      tokenizers, scheduler)
+    except OSError as e:
+        raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
 
 
 def _tiny_tokenizer(max_length=16):
@@ -141,10 +178,12 @@ def _tiny_tokenizer(max_length=16):
 
 
 def build_tiny(kind="sd15", seed=0):
-    """A random, small SD1.5-like or SDXL-like model (about 1M parameters), built in code: no download."""
+    """A random, small SD1.5-, SDXL- or SD3-like model (about 1M parameters), built in code: no download."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if kind == "sd3":
+        return build_tiny_sd3(seed)
     torch.manual_seed(seed)
     tokenizer = _tiny_tokenizer()
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -170,6 +209,34 @@ def build_tiny(kind="sd15", seed=0):
                   [tokenizer] * len(encoders), scheduler)
 
 
+def build_tiny_sd3(seed=0, layers=6):
+    """A random, small SD3.5-like model built in code: an SD3Transformer2DModel of `layers` joint blocks (QK-norm and,
+    as in SD3.5 Medium, dual attention in its first blocks), a 16-channel VAE with SD3's shift and scaling factors,
+    tiny CLIP-L, CLIP-G and T5 encoders (the T5 reads the same character-level vocabulary), and SD3.5's
+    FlowMatchEulerDiscreteScheduler (shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer()
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
+                                        num_layers=layers, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16, sample_size=32, shift_factor=0.0609, scaling_factor=1.5305,
+                        use_quant_conv=False, use_post_quant_conv=False)  # SD3's VAE config
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3.5's scheduler config
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text)) for _ in range(2)] + [t5]
+    return Models("tiny-sd3", "sd3", transformer, vae, encoders, [tokenizer] * 3, scheduler, text_tokens=16)
+
+
 def save_pipeline(models, out_dir):
     """Save the components as a diffusers pipeline directory (loadable by --model DIR)."""
     pipe = make_pipeline(models)
@@ -178,9 +245,15 @@ def save_pipeline(models, out_dir):
 
 
 def make_pipeline(models):
-    """The diffusers text-to-image pipeline over these components (StableDiffusion or StableDiffusionXL)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The diffusers text-to-image pipeline over these components (StableDiffusion, StableDiffusionXL or
+    StableDiffusion3)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if models.kind == "sd3":
+        (te, te2, te3), (tok, tok2, tok3) = models.text_encoders, models.tokenizers
+        return StableDiffusion3Pipeline(transformer=models.unet, scheduler=models.scheduler, vae=models.vae,
+                                        text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
+                                        text_encoder_3=te3, tokenizer_3=tok3)
     if models.kind == "sdxl":
         return StableDiffusionXLPipeline(vae=models.vae, text_encoder=models.text_encoders[0],
                                          text_encoder_2=models.text_encoders[1], tokenizer=models.tokenizers[0],
@@ -203,10 +276,15 @@ def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, ta
     SDXL:  {"encoder_hidden_states": (B, 77, 2048), the penultimate hidden states of both encoders concatenated,
             "added_cond_kwargs": {"text_embeds": (B, 1280) pooled, "time_ids": (B, 6)}}; time_ids are
            (original h, w, crop top, left, target h, w): original_sizes and crops_top_left are (B, 2).
+    SD3:   {"encoder_hidden_states": (B, 77 + 256, 4096), both CLIPs' penultimate hidden states side by side, padded
+            to T5's width, then T5's last hidden state (zeros without T5), "pooled_projections": (B, 2048) both
+            CLIPs' pooled outputs}: StableDiffusion3Pipeline.encode_prompt's, without classifier-free guidance.
     repeat: each caption serves `repeat` images (winner and loser): the text is encoded once and its embeddings
     repeated, B captions -> repeat * B rows; original_sizes and crops_top_left are then per image.
     """
     device = models.unet.device
+    if models.kind == "sd3":
+        return repeat_cond(_sd3_text(models, list(captions), device), repeat)
     hidden, pooled = [], None
     for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
         ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
@@ -226,6 +304,27 @@ def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, ta
             "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids}}
 
 
+def _sd3_text(models, captions, device):
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip(models.tokenizers[:2], models.text_encoders[:2]):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])  # text_embeds
+    clip = torch.cat(hidden, dim=-1)
+    width = models.unet.config.joint_attention_dim
+    if models.text_encoders[2] is None:
+        t5 = torch.zeros(len(captions), models.text_tokens, width, device=device, dtype=clip.dtype)
+    else:
+        ids = models.tokenizers[2](captions, padding="max_length", max_length=models.text_tokens, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        t5 = models.text_encoders[2](ids)[0]
+    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+    return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+            "pooled_projections": torch.cat(pooled, dim=-1)}
+
+
 def repeat_cond(cond, n):
     """Repeat every tensor of cond n times along the batch (B -> nB), e.g. one prompt for winner and loser."""
     return {k: repeat_cond(v, n) if isinstance(v, dict) else v.repeat(n, *[1] * (v.dim() - 1)) for k, v in cond.items()}
@@ -233,14 +332,19 @@ def repeat_cond(cond, n):
 
 @torch.no_grad()
 def encode_images(vae, pixels, generator=None, chunk=8):
-    """Pixels in [-1, 1], (N, 3, H, W) -> latents * scaling_factor, (N, 4, H/8, W/8) fp32, in chunks.
+    """Pixels in [-1, 1], (N, 3, H, W) -> (latents - shift_factor) * scaling_factor, (N, C, H/8, W/8) fp32, in
+    chunks (SD3's VAE has a shift factor; SD1.5's and SDXL's none).
 
     generator: one torch.Generator for the whole batch, or a list of N, one per image."""
     out = []
     for i, x in zip(range(0, len(pixels), chunk), pixels.split(chunk)):
         dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
         out.append(dist.sample(generator=generator[i:i + chunk] if isinstance(generator, list) else generator).float())
-    return torch.cat(out) * vae.config.scaling_factor
+    return (torch.cat(out) - _shift(vae)) * vae.config.scaling_factor
+
+
+def _shift(vae):
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def batch_latents(vae, batch, generator=None):
@@ -280,13 +384,13 @@ def latent_encoder(vae, resolution, batch_size=8):
 
     return {"encode": encode, "latent_shape": (vae.config.latent_channels, resolution // factor, resolution // factor),
             "encoder_key": {"vae": digest.hexdigest(), "dtype": str(vae.dtype),
-                            "scaling_factor": vae.config.scaling_factor}}
+                            "scaling_factor": vae.config.scaling_factor, "shift_factor": _shift(vae)}}
 
 
 @torch.no_grad()
 def decode_latents(vae, latents, chunk=8):
-    """Latents (scaled) -> pixels in [-1, 1], (N, 3, H, W) fp32: divides by the scaling factor first."""
-    out = [vae.decode(z.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample.float()
+    """Latents (scaled) -> pixels in [-1, 1], (N, 3, H, W) fp32: undoes the scaling (and shift) first."""
+    out = [vae.decode(z.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + _shift(vae)).sample.float()
            for z in latents.split(chunk)]
     return torch.cat(out).clamp(-1, 1)
 
@@ -296,22 +400,32 @@ def decode_latents(vae, latents, chunk=8):
 
 
 def add_lora(unet, rank=64):
-    """Add a rank-r LoRA (alpha = r, gaussian init) on to_q/to_k/to_v/to_out.0; return {name: fp32 parameter}."""
+    """Add a rank-r LoRA (alpha = r, gaussian init) on to_q/to_k/to_v/to_out.0, and for SD3's transformer on the
+    text stream's add_q/k/v_proj and to_add_out too; return {name: fp32 parameter}."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    targets = LORA_TARGETS_SD3 if _prefix(unet) == "transformer" else LORA_TARGETS
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     for p in params.values():
         p.data = p.data.float()  # LoRA weights train in fp32 while the frozen weights stay in half precision
     return params
 
 
+def _prefix(model):
+    """The LoRA file's key prefix for this denoiser: "transformer" (SD3) or "unet"."""
+    return "transformer" if hasattr(model, "transformer_blocks") else "unet"
+
+
 def lora_state_dict(unet):
-    """The LoRA weights in diffusers' naming (what pipe.load_lora_weights reads, without the 'unet.' prefix)."""
+    """The LoRA weights as pipe.load_lora_weights reads them, without the 'unet.' / 'transformer.' prefix: diffusers'
+    names for a U-Net; PEFT's own (lora_A / lora_B) for SD3's transformer, as diffusers' SD3 LoRA script saves them
+    (diffusers' older names cover only some of its layers)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    weights = get_peft_model_state_dict(unet)
+    return weights if _prefix(unet) == "transformer" else convert_state_dict_to_diffusers(weights)
 
 
 def check_output(path, flag, folder=True):
@@ -403,15 +517,18 @@ def load_checkpoint(path, script):
 
 def save_lora(unet, out_dir):
     """Write OUT_DIR/pytorch_lora_weights.safetensors, loadable by pipe.load_lora_weights(out_dir)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    # The SD1.5 and SDXL pipelines write and read U-Net LoRA keys alike ("unet." + diffusers names).
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet))
+    if _prefix(unet) == "transformer":  # "transformer." + diffusers names, as StableDiffusion3Pipeline reads them
+        StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict(unet))
+    else:  # the SD1.5 and SDXL pipelines write and read U-Net LoRA keys alike ("unet." + diffusers names)
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet))
 
 
 def check_lora(lora_dir):
-    """ModelError unless LORA_DIR/pytorch_lora_weights.safetensors is a readable safetensors file with U-Net LoRA
-    weights (diffusers would load one without them and quietly sample the base model)."""
+    """ModelError unless LORA_DIR/pytorch_lora_weights.safetensors is a readable safetensors file with U-Net (or SD3
+    transformer) LoRA weights (diffusers would load one without them and quietly sample the base model). Returns
+    the prefix its keys have: "unet" or "transformer"."""
     from safetensors import safe_open
 
     path = os.path.join(lora_dir, LORA_FILE)
@@ -423,16 +540,21 @@ def check_lora(lora_dir):
     except Exception as e:  # safetensors' own error type: empty, truncated, not safetensors at all
         raise ModelError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): truncated or "
                          "partly copied?") from None
-    if not any(k.startswith("unet.") for k in keys):
-        raise ModelError(f"{path} holds no U-Net LoRA weights (its {len(keys)} keys begin {keys[:2]}); this "
-                         "project's LoRA files name them unet.*")
+    for prefix in ("unet", "transformer"):
+        if any(k.startswith(prefix + ".") for k in keys):
+            return prefix
+    raise ModelError(f"{path} holds no U-Net or transformer LoRA weights (its {len(keys)} keys begin {keys[:2]}); "
+                     "this project's LoRA files name them unet.* (SD1.5, SDXL) or transformer.* (SD3)")
 
 
 def load_lora(unet, lora_dir, adapter_name="default"):
-    """Load OUT_DIR/pytorch_lora_weights.safetensors into the U-Net as a PEFT adapter."""
-    check_lora(lora_dir)
+    """Load OUT_DIR/pytorch_lora_weights.safetensors into the U-Net (or SD3 transformer) as a PEFT adapter."""
+    found, want = check_lora(lora_dir), _prefix(unet)
+    if found != want:
+        raise ModelError(f"the LoRA in {lora_dir} is for a {found} (its keys are {found}.*), and this model's "
+                         f"denoiser is a {want}: it was trained on another kind of model")
     try:
-        unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix="unet", adapter_name=adapter_name)
+        unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix=want, adapter_name=adapter_name)
     except (RuntimeError, ValueError) as e:  # shapes or names of another model's U-Net
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise ModelError(f"the LoRA in {lora_dir} does not fit this model's U-Net (trained on another one?): "
@@ -443,7 +565,9 @@ def load_lora(unet, lora_dir, adapter_name="default"):
 # -----------------------------------------------------------------------------
 # Sampling: prompts -> paired image folders
 
-DEFAULTS = {"sd15": dict(guidance_scale=7.5, steps=50), "sdxl": dict(guidance_scale=5.0, steps=50)}
+# SD3: the SD3.5 Medium model card's guidance (4.5); its 40 steps are the protocols' steps here.
+DEFAULTS = {"sd15": dict(guidance_scale=7.5, steps=50), "sdxl": dict(guidance_scale=5.0, steps=50),
+            "sd3": dict(guidance_scale=4.5, steps=40)}
 # Published evaluation protocols. guidance None: the model's default above. The NCP paper gives neither sampler nor
 # steps nor guidance, only one image per prompt and the same seeds for both models (NCP.md section 6); its entry is
 # this repository's default. SPO's (and LPO's) table: DDIM, 20 steps, guidance 5.0, 4 images per prompt.
@@ -576,24 +700,40 @@ def make_grid(images, columns=4):
 
 
 def sampling_pipeline(models, scheduler="euler"):
-    """make_pipeline with the Euler (or DDIM) sampler built from the model's scheduler config, no progress bar."""
+    """make_pipeline with the Euler (or DDIM) sampler built from the model's scheduler config, no progress bar. SD3
+    samples with its own flow-matching Euler scheduler (its ODE has no DDIM)."""
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     pipe = make_pipeline(models)
-    pipe.scheduler = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[scheduler].from_config(
-        models.scheduler.config)
+    if models.kind == "sd3":
+        if scheduler != "euler":
+            raise ValueError(f"SD3 samples with its flow-matching Euler scheduler, not {scheduler}")
+        pipe.scheduler = type(models.scheduler).from_config(models.scheduler.config)
+    else:
+        pipe.scheduler = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[scheduler].from_config(
+            models.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
+def text_length(models):
+    """The pipeline call's T5 length for SD3, the one training encodes with (none for the others)."""
+    return {"max_sequence_length": models.text_tokens} if models.kind == "sd3" else {}
+
+
+def lora_scale(models, scale):
+    """The pipeline call's keyword argument that scales a LoRA: SD3's joint_attention_kwargs, else cross_...'s."""
+    return {("joint" if models.kind == "sd3" else "cross") + "_attention_kwargs": {"scale": scale}}
+
+
 def validation_grid(models, prompts, resolution, seed=0, steps=20):
     """One image per prompt with the seeds sample.py gives them, the LoRA on, as one grid: the training scripts'
     view of a run. It draws from its own generators only, so the training's random state is left as it was."""
     pipe = sampling_pipeline(models)
     device = models.unet.device
     images = [pipe(prompt, num_inference_steps=steps, guidance_scale=DEFAULTS[models.kind]["guidance_scale"],
-                   height=resolution, width=resolution,
+                   height=resolution, width=resolution, **text_length(models),
                    generator=torch.Generator(device).manual_seed(image_seed(seed, i, 0))).images[0]
               for i, prompt in enumerate(prompts)]
     return make_grid(images)
@@ -655,7 +795,10 @@ def parse_args(argv=None):
     import data
 
     p = argparse.ArgumentParser(description="Generate paired images for a prompt list, with or without a LoRA.")
-    p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id")
+    p.add_argument("--model", default="sdxl", help="sd15, sdxl, sd35-medium, sd35-large, tiny, tiny-sdxl, tiny-sd3, a "
+                   "diffusers pipeline dir or hub id")
+    p.add_argument("--t5", action=argparse.BooleanOptionalAction, default=True, help="SD3: with its T5 text encoder "
+                   "(--no-t5: zeros in its place, as the LoRA's training run had if it was trained so)")
     p.add_argument("--lora", help="a training output dir holding pytorch_lora_weights.safetensors (none: the base)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA")
     p.add_argument("--prompts", required=True, help="a text file, a .tsv with a Prompt column, a .json list, a named "
@@ -670,7 +813,7 @@ def parse_args(argv=None):
                    + " (default: %(default)s); the flags below override it")
     p.add_argument("--num-images-per-prompt", type=int, help="images per prompt (default: the protocol's)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the protocol's, else 7.5 "
-                   "SD1.5, 5.0 SDXL)")
+                   "SD1.5, 5.0 SDXL, 4.5 SD3)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the protocol's)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call; the images do not depend on "
                    "it (default: %(default)s)")
@@ -701,6 +844,9 @@ def main(args):
                                  + ("a positive multiple of 8 (the VAE's factor)" if flag == "resolution" else
                                     "at least 1"))
         check_output(args.out, "--out")
+        if kind == "sd3" and PROTOCOLS[args.protocol]["scheduler"] != "euler":
+            raise ValueError(f"--protocol {args.protocol} samples with {PROTOCOLS[args.protocol]['scheduler']}; SD3 "
+                             "samples with its flow-matching Euler scheduler (--protocol ncp)")
         if args.lora:
             check_lora(args.lora)
         prompts = read_prompts(args.prompts, args.data)
@@ -719,7 +865,7 @@ def main(args):
     from tqdm import tqdm
 
     try:
-        models = load_models(args.model, dtype, device)
+        models = load_models(args.model, dtype, device, t5=args.t5)
         if args.lora:
             load_lora(models.unet, args.lora)
     except ModelError as e:
@@ -740,7 +886,7 @@ def main(args):
                       guidance_scale=protocol["guidance_scale"], num_images_per_prompt=k, **size,
                       generator=[torch.Generator(device).manual_seed(image_seed(args.seed, i, j))
                                  for i in chunk for j in range(k)],  # the pipeline's order: prompt-major
-                      cross_attention_kwargs={"scale": args.lora_scale} if args.lora else None).images
+                      **text_length(models), **(lora_scale(models, args.lora_scale) if args.lora else {})).images
         for (i, j), image in zip([(i, j) for i in chunk for j in range(k)], images):
             tmp = os.path.join(args.out, f".{image_name(i, j)}.tmp")
             image.save(tmp, format="PNG")
@@ -752,7 +898,8 @@ def main(args):
     if rank == 0:
         index = [{"index": i, "prompt": p, "seeds": [image_seed(args.seed, i, j) for j in range(k)],
                   "files": [image_name(i, j) for j in range(k)]} for i, p in enumerate(prompts)]
-        meta = {"model": args.model, "lora": args.lora, "lora_scale": args.lora_scale, "prompts": args.prompts,
+        meta = {"model": args.model, "t5": args.t5, "lora": args.lora, "lora_scale": args.lora_scale,
+                "prompts": args.prompts,
                 "resolution": args.resolution, "protocol": protocol, "images": index}
         with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
             json.dump(meta, f, indent=1)

@@ -448,6 +448,9 @@ def load_run(args, ddp, local_rank, world_size, master, device):
     error, fresh, loaded = None, False, None
     try:
         _, kind = sample.resolve_model(args.model)
+        if kind == "sd3":  # its sampler is a deterministic ODE: there is no step to draw candidates from
+            raise ValueError(f"spo.py trains SD1.5 and SDXL only: its candidates are stochastic DDIM steps, and "
+                             f"{args.model} is a rectified flow (SD3); train it with ncp_dpo.py, ncp_cpo.py or ncp_sft.py")
         args = fill_defaults(args, kind)
         fresh = not os.path.exists(args.output_dir)
         ckpt = check_run(args)
