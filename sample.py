@@ -158,8 +158,9 @@ def _load_sd3(model, source, dtype, t5):
         sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
         encoders = [sub(CLIPTextModelWithProjection, "text_encoder"), sub(CLIPTextModelWithProjection, "text_encoder_2"),
                     sub(T5EncoderModel, "text_encoder_3") if t5 else None]
-        tokenizers = [sub(CLIPTokenizer, "tokenizer"), sub(CLIPTokenizer, "tokenizer_2"),
-                      sub(AutoTokenizer, "tokenizer_3") if t5 else None]  # T5's, as its config names it
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+                      CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+                      AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3") if t5 else None]  # T5's
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler")
         return Models(model, "sd3", sub(SD3Transformer2DModel, "transformer"), sub(AutoencoderKL, "vae"), encoders,
                       tokenizers, scheduler)

@@ -75,12 +75,14 @@ def disc_stats(pixels, colors):
 # 1. Pretraining
 
 
-def pretrain(out, seed, vae_steps, unet_steps, log):
+def pretrain(out, seed, vae_steps, unet_steps, log, kind="sd15"):
+    """kind sd15: a U-Net trained on DDPM's noise prediction; sd3: tiny-sd3's transformer (MMDiT) trained on rectified
+    flow's velocity, with s drawn as SD3 trains (encoder.noised), and its VAE's shift and scale set from the data."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     colors = [rng.choice(list(COLORS)) for _ in range(4096)]
     pixels = to_pixels([render(c, rng.uniform(3, 12), rng) for c in colors])
-    models = sample.build_tiny("sd15", seed)
+    models = sample.build_tiny(kind, seed)
     vae, unet = models.vae.train(), models.unet.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     for step in range(vae_steps):
@@ -96,25 +98,35 @@ def pretrain(out, seed, vae_steps, unet_steps, log):
     with torch.no_grad():
         means = torch.cat([vae.encode(x).latent_dist.mean for x in pixels.split(256)])
         recon = torch.cat([vae.decode(m).sample for m in means[:256].split(64)]).clamp(-1, 1)
-    vae.register_to_config(scaling_factor=float(1 / means.std()))
+    if kind == "sd3":  # SD3's VAE config has a shift: latents = (z - shift) * scale
+        vae.register_to_config(shift_factor=float(means.mean()), scaling_factor=float(1 / means.std()))
+    else:
+        vae.register_to_config(scaling_factor=float(1 / means.std()))
     r_true, _ = disc_stats(pixels[:256], colors[:256])
     r_rec, right = disc_stats(recon, colors[:256])
     vae_report = {"recon_mse": F.mse_loss(recon, pixels[:256]).item(), "radius_error_px": (r_rec - r_true).abs().mean().item(),
                   "colour_right": right.float().mean().item()}
     log(f"vae: {vae_report}")
 
-    latents = means * vae.config.scaling_factor
+    latents = (means - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     prompts = [f"a {c} circle" for c in COLORS]
+    for module in models.text_encoders:
+        module.eval()
     with torch.no_grad():
-        hidden = sample.encode_prompt(models, prompts)["encoder_hidden_states"]
+        text = sample.encode_prompt(models, prompts)
     which = torch.tensor([list(COLORS).index(c) for c in colors])
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     sched = models.scheduler
     for step in range(unet_steps):
         idx = torch.randint(0, len(latents), (32,))
-        x0, noise = latents[idx], torch.randn(32, *latents.shape[1:])
-        t = torch.randint(0, sched.config.num_train_timesteps, (32,))
-        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=hidden[which[idx]]).sample, noise)
+        cond = {k: v[which[idx]] for k, v in text.items()}
+        if kind == "sd3":  # the flow's velocity, s drawn as SD3 trains
+            x_t, t, target, _ = encoder.noised(sched, latents[idx], 32, None)
+        else:  # DDPM's noise (these draws made the saved base in benchmarks/results/toy)
+            x0, target = latents[idx], torch.randn(32, *latents.shape[1:])
+            t = torch.randint(0, sched.config.num_train_timesteps, (32,))
+            x_t = sched.add_noise(x0, target, t)
+        loss = F.mse_loss(unet(x_t, timestep=t, **cond).sample, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -162,17 +174,19 @@ def sample_radius(base, lora_dir, n_per_color, seed):
     pipe = sample.sampling_pipeline(models)
     colors = [c for c in COLORS for _ in range(n_per_color)]
     images = pipe([f"a {c} circle" for c in colors], num_inference_steps=25, guidance_scale=1.0, output_type="pt",
-                  generator=torch.Generator().manual_seed(seed)).images * 2 - 1
+                  generator=torch.Generator().manual_seed(seed), **sample.text_length(models)).images * 2 - 1
     radius, right = disc_stats(images.float(), colors)
     return radius.mean().item(), right.float().mean().item(), images
 
 
 @torch.no_grad()
-def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 200, 400, 700)):
+def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 200, 400, 700), step_back=1):
     """(implicit accuracy, drift) on the held-out pairs at fixed timesteps and noise. The drift is the mean squared
     difference of the policy's and the reference's noise predictions, ||eps_theta - eps_ref||^2 per element: up to
     each timestep's weight, the KL divergence of the policy's reverse step from the reference's, the quantity
-    DPO's implicit regularisation holds down, measured on the data whatever the space the run trained in."""
+    DPO's implicit regularisation holds down, measured on the data whatever the space the run trained in. For a
+    flow (SD3) the predictions are velocities, the timesteps the grid points 999 - t (s of 0.95 to 0.3 before the
+    shift), and the errors velocity errors."""
     models = sample.load_models(base)
     sample.load_lora(models.unet, lora_dir)
     pairs, _ = data.preference_pairs(folder, "validation")
@@ -182,19 +196,25 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
     x0 = sample.encode_images(models.vae, pixels, generator=g)
     cond = sample.encode_prompt(models, [b["caption"] for b in batch], repeat=2)
     n, wins, drift = len(batch), [], []
+    sched = models.scheduler
     for step in timesteps:
-        t = torch.full((2 * n,), step)
         noise = torch.randn(x0[:n].shape, generator=g).repeat(2, 1, 1, 1)
         z = torch.randn(x0[:n].shape, generator=g).repeat(2, 1, 1, 1)
-        x_t = models.scheduler.add_noise(x0, noise, t)
+        if encoder.is_flow(sched):
+            s = sched.sigmas[999 - step]
+            t, x_t, goal, z = sched.timesteps[999 - step].repeat(2 * n), (1 - s) * x0 + s * noise, noise - x0, None
+        else:
+            t = torch.full((2 * n,), step)
+            x_t, goal = sched.add_noise(x0, noise, t), noise
         target = None if space == "latent" else \
-            encoder.target_features(models.unet, models.scheduler, x_t, t, noise, z, cond, depth)  # once for both
+            encoder.target_features(models.unet, sched, x_t, t, goal, z, cond, depth, step_back)  # once for both
         errors, preds = [], []
         for policy in (True, False):
             with encoder.base_weights(models.unet) if not policy else contextlib.nullcontext():
-                pred = models.unet(x_t, t, **cond).sample
-            err = encoder.latent_error(pred, noise) if space == "latent" else \
-                encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, depth, target)
+                pred = models.unet(x_t, timestep=t, **cond).sample
+            err = encoder.latent_error(pred, goal) if space == "latent" else \
+                encoder.perceptual_error(models.unet, sched, x_t, t, pred, goal, z, cond, depth, target,
+                                         step_back=step_back)
             errors.append(err)
             preds.append(pred.float())
         e, ref = errors
@@ -208,7 +228,8 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
 
 
 def run_name(name, args, seed):
-    return f"{name}-{args.precision}-beta{args.beta:g}-lr{args.lr:g}-seed{seed}"
+    back = f"-back{args.step_back}" if args.step_back != 1 else ""
+    return f"{name}-{args.precision}-beta{args.beta:g}-lr{args.lr:g}{back}-seed{seed}"
 
 
 def summarise(runs, steps):
@@ -248,6 +269,10 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate, every run")
     p.add_argument("--beta", type=float, default=2500.0, help="beta, every run (SFT has none)")
+    p.add_argument("--arch", choices=["sd15", "sd3"], default="sd15", help="the toy's model when it is pretrained: "
+                   "an SD1.5-like U-Net (DDPM), or tiny-sd3's MMDiT (rectified flow) (default: %(default)s)")
+    p.add_argument("--step-back", type=int, default=1, help="SD3: the encoder's step back in grid points, every "
+                   "NCP run (default: %(default)s)")
     p.add_argument("--samples-per-color", type=int, default=16, help="samples per prompt for the radius")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -260,9 +285,10 @@ def main():
 
     base = args.base or os.path.join(args.out, "base")
     if not os.path.isdir(base):
-        base, vae_report, data_radius = pretrain(args.out, args.seed, args.vae_steps, args.unet_steps, log)
+        base, vae_report, data_radius = pretrain(args.out, args.seed, args.vae_steps, args.unet_steps, log, args.arch)
         json.dump({"vae": vae_report, "data_radius": data_radius}, open(os.path.join(base, "pretrain.json"), "w"))
     pre = json.load(open(os.path.join(base, "pretrain.json")))
+    kind = sample.resolve_model(base)[1]
     folder = os.path.join(args.out, "pairs")
     write_pairs(folder, "train", args.pairs, args.seed + 1)
     write_pairs(folder, "validation", 128, args.seed + 2)
@@ -291,10 +317,12 @@ def main():
                        args.precision, "--optimizer", "adamw", "--num-workers", "1", "--log-every", "25",
                        "--seed", str(seed)]
                 cmd += ["--beta", str(args.beta)] if script != "ncp_sft.py" else []
+                cmd += ["--step-back", str(args.step_back)] if args.step_back != 1 else []
                 cmd += ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
                 subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 radius, right, _ = sample_radius(base, out, args.samples_per_color, args.seed)
-                acc, drift = heldout_accuracy(base, out, folder, space, "mid", args.seed)
+                acc, drift = heldout_accuracy(base, out, folder, space, encoder.DEPTHS[kind], args.seed,
+                                              step_back=args.step_back)
                 with open(os.path.join(out, "metrics.jsonl")) as f:
                     last = json.loads(f.readlines()[-1])  # the loss's regime over the last logged window
                 regime = {k: last[k] for k in ("beta_margin_p10", "beta_margin_p50", "beta_margin_p90", "saturated")
