@@ -36,8 +36,9 @@ Beyond the U-Net: Stable Diffusion 3.5 (rectified flow, an MMDiT). The same cons
 - the step back: the reverse process is the ODE dx/ds = v, deterministic, so "one step back" is an Euler step
   by Delta = s - s', s' the grid point `step_back` points below s (0 past the end):
       x^pred = x_s - Delta v_theta,     x^* = x_s - Delta (eps - x0) = the straight path's own point at s'.
-  There is no z. One grid point is Delta = 1/1000 before the shift, 1/1000 to 3/1000 after it: the difference
-  x^pred - x^* = -Delta (v_theta - v) is smaller than a DDPM step's, and the JVP carries it the same way.
+  There is no z. One grid point is Delta = 1/1000 before the shift, 1/3000 (near s = 1) to 3/1000 (near s = 0)
+  after it: the difference x^pred - x^* = -Delta (v_theta - v) is as far below bf16's resolution as a DDPM
+  step's, and the JVP carries it the same way.
 - the encoder E: the frozen transformer's patch embedding (with its positions), its time and pooled-text
   embedding and context embedder, and its first K joint blocks, at s'. The features are the image tokens'
   hidden states after block K, (B, tokens, width); the text tokens take part in every block's joint attention
@@ -48,7 +49,7 @@ Copy this file as it is: it depends on torch and on a diffusers UNet2DConditionM
 """
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -380,7 +381,8 @@ class _Jvp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, first, deltas, unet, x, t_prev, cond, depth):
         device = x.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        enabled = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # (the meta device has none)
+        ctx.autocast = (device, torch.get_autocast_dtype(device) if enabled else None, enabled)
         scale = _rms(deltas, 2)  # (n, B)
         tangents = (deltas / _per(scale, deltas)).to(x.dtype)
         inputs = []
@@ -402,7 +404,8 @@ class _Jvp(torch.autograd.Function):
     def backward(ctx, grad):
         g = grad[0]
         device, dtype, enabled = ctx.autocast
-        with base_weights(ctx.unet), _no_block_checkpointing(ctx.unet), torch.autocast(device, dtype, enabled):
+        autocast = torch.autocast(device, dtype) if enabled else nullcontext()
+        with base_weights(ctx.unet), _no_block_checkpointing(ctx.unet), autocast:
             for stage, h in reversed(list(zip(ctx.stages, ctx.saved_tensors))):
                 r = _per(_rms(g, 1), g)
                 with torch.enable_grad():

@@ -3,6 +3,7 @@
     python benchmarks/precision.py --model benchmarks/results/toy/base --data toy     # the trained toy LDM
     python benchmarks/precision.py --arch sd15 --latent-size 32 --pairs 16            # SD1.5 architecture, random
     python benchmarks/precision.py --arch sdxl --latent-size 32 --pairs 8             # SDXL architecture, random
+    python benchmarks/precision.py --model benchmarks/results/toy_sd3/base --data toy --latent-size 16  # the SD3 toy
 
 Every path runs the same pairs (x0, t, noise, z, prompt) the way ncp_dpo.py does: the frozen weights in the path's
 dtype under autocast, an fp32 LoRA that differs from the base (a random non-zero lora_B, so the policy is not the
@@ -16,7 +17,9 @@ e, the median relative error of the margin and the share of pairs whose margin h
 whose fp32 |margin| is at least 1% of their mean reference error: below that the policy has moved the error gap
 by less than a few bf16 rounding steps of the U-Net's own output, in either space), and
 the cosine between the LoRA gradient and the fp32 one. Timesteps are spread over [0, 1000) with a quarter of the
-pairs below t = 50.
+pairs below t = 50. For SD3 (a rectified flow) the same paths run on velocity errors, the timesteps the same
+indices of the flow's 1000-point grid (a quarter within its last 50 points, where s and its step are smallest),
+and the encoder the first third of the joint blocks (encoder.py).
 """
 
 import argparse
@@ -39,7 +42,7 @@ import encoder  # noqa: E402
 import sample  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEPTH = {"sd15": "mid", "sdxl": "down"}  # the presets' encoder depth
+DEPTH = encoder.DEPTHS  # the presets' encoder depth
 PATHS = {"fp32": ("fp32", "direct"), "fp32-jvp": ("fp32", "jvp"), "bf16": ("bf16", "jvp"), "fp16": ("fp16", "jvp"),
          "bf16-direct": ("bf16", "direct"), "fp16-direct": ("fp16", "direct")}
 
@@ -88,9 +91,11 @@ def make_inputs(args, models, device):
         x0 = sample.encode_images(models.vae, pixels, generator=g)
         captions = [it["caption"] for it in items]
     else:
-        x0 = torch.randn(2 * n, 4, args.latent_size, args.latent_size, generator=g)
+        x0 = torch.randn(2 * n, models.unet.config.in_channels, args.latent_size, args.latent_size, generator=g)
         captions = [f"a photo of thing number {i}" for i in range(n)]
     t = timesteps(n)
+    if encoder.is_flow(models.scheduler):  # the same indices on the flow's grid, from its end (small s)
+        t = models.scheduler.timesteps[999 - t]
     noise = torch.randn(n, *x0.shape[1:], generator=g)
     z = torch.randn(n, *x0.shape[1:], generator=g)
     cond = sample.encode_prompt(models, captions, target_size=[8 * args.latent_size] * 2, repeat=2)  # fp32
@@ -115,11 +120,15 @@ def run_path(models, lora, inputs, dtype, method, beta, micro):
         rows = torch.cat([torch.arange(start, min(n, start + micro)), n + torch.arange(start, min(n, start + micro))])
         x0, t, noise, z = (inputs[k][rows] for k in ("x0", "t", "noise", "z"))
         cond = _select(inputs["cond"], rows.to(x0.device), dtype)
-        x_t = scheduler.add_noise(x0, noise, t)
+        if encoder.is_flow(scheduler):  # SD3: x_s on the straight path, the velocity as the target, no z
+            s = scheduler.sigmas.to(x0.device)[(scheduler.timesteps.to(x0.device)[None] - t[:, None]).abs().argmin(1)]
+            x_t, noise, z = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise, noise - x0, None
+        else:
+            x_t = scheduler.add_noise(x0, noise, t)
         with autocast:
-            pred = unet(x_t, t, **cond).sample
+            pred = unet(x_t, timestep=t, **cond).sample
             with torch.no_grad(), encoder.base_weights(unet):
-                ref_pred = unet(x_t, t, **cond).sample
+                ref_pred = unet(x_t, timestep=t, **cond).sample
             errors = {"latent": (encoder.latent_error(pred, noise), encoder.latent_error(ref_pred, noise))}
             # The encoder's cost: e^NCP of both predictions and its backward into pred, timed and FLOP-counted.
             start_time = time.perf_counter()

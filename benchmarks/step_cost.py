@@ -6,6 +6,7 @@
     python benchmarks/step_cost.py --arch sdxl --encoder-share   # the encoder's FLOP share of a U-Net forward
     python benchmarks/step_cost.py --arch sdxl --resolution 512 --micro-batch-size 1 --steps 1 --only dpo-latent dpo-ncp
                                                                 # SDXL on a CPU with 24 GB: 1024 px does not fit in fp32
+    python benchmarks/step_cost.py --arch sd35-medium           # SD3.5 Medium at 1024 px: FLOPs on the meta device
 
 Runs the training scripts themselves, one after another in this one invocation, with the same model, batch
 and precision, on the same synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
@@ -120,6 +121,86 @@ def encoder_share(kind, resolution=None):
             "down": flops["down"] / flops["unet"], "mid": flops["mid"] / flops["unet"]}
 
 
+SD35 = {  # the transformers' configs of stabilityai/stable-diffusion-3.5-medium and -large
+    "sd35-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                        dual_attention_layers=tuple(range(13))),
+    "sd35-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+                       dual_attention_layers=())}
+
+
+def flow_costs(arch, resolution=1024, pairs=1, step_back=1):
+    """FLOPs of SD3.5's parts and of one NCP-DPO and one latent Flow-DPO step, counted on the meta device (shapes
+    only: the 8B-parameter Large and T5-XXL need no memory). The step is ncp_dpo.py's objective block as written:
+    the policy's forward, the reference's forward without grad, the errors (latent, or the encoder's JVP in bf16's
+    method), the loss and its backward into the LoRA; plus the text encoders and the VAE's encoder, which both
+    spaces run alike. One image's transformer forward and the encoder's share of it, for K = a third of the blocks.
+    Returns a dict of TFLOP figures."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    import encoder
+    import ncp_dpo
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e12
+
+    n, size = 2 * pairs, resolution // 8
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                                      attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048,
+                                      qk_norm="rms_norm", **SD35[arch])
+        clip = dict(vocab_size=49408, max_position_embeddings=77)
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                               num_hidden_layers=12, num_attention_heads=12,
+                                                               projection_dim=768, **clip)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                               num_hidden_layers=32, num_attention_heads=20,
+                                                               projection_dim=1280, **clip)),
+                    T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                            num_heads=64, feed_forward_proj="gated-gelu"))]  # T5 v1.1 XXL
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        model.requires_grad_(False)
+        sample.add_lora(model, rank=64)
+        x0 = torch.randn(n, 16, size, size)
+        cond = {"encoder_hidden_states": torch.randn(n, 77 + sample.T5_TOKENS, 4096),
+                "pooled_projections": torch.randn(n, 2048)}
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.timesteps, scheduler.sigmas = scheduler.timesteps.to("meta"), scheduler.sigmas.to("meta")
+    x_t, t, target, _ = encoder.noised(scheduler, x0, pairs, None)
+    one = {k: v[:1] for k, v in cond.items()}
+    with torch.no_grad():
+        text = count(lambda: [encoders[0](torch.zeros(pairs, 77, dtype=torch.long, device="meta")),
+                              encoders[1](torch.zeros(pairs, 77, dtype=torch.long, device="meta")),
+                              encoders[2](torch.zeros(pairs, sample.T5_TOKENS, dtype=torch.long, device="meta"))])
+        images = count(lambda: vae.encode(torch.randn(n, 3, resolution, resolution, device="meta")))
+        forward = count(lambda: model(x_t[:1], timestep=t[:1], **one))
+        encode = count(lambda: encoder.down_stack(model, x_t[:1], t[:1], one, "third"))
+
+    def step(space):
+        pred = model(x_t, timestep=t, **cond).sample
+        with torch.no_grad(), encoder.base_weights(model):
+            ref_pred = model(x_t, timestep=t, **cond).sample
+        if space == "latent":
+            err, ref_err = encoder.latent_error(pred, target), encoder.latent_error(ref_pred, target)
+        else:
+            err, ref_err = encoder.perceptual_errors(model, scheduler, x_t, t, [pred, ref_pred], target, None, cond,
+                                                     "third", "jvp", step_back)
+        loss, _ = ncp_dpo.dpo_loss(*err.chunk(2), *ref_err.chunk(2), 2500.0)
+        loss.backward()
+
+    steps = {space: count(lambda: step(space)) for space in ("latent", "ncp")}
+    return {"arch": arch, "resolution": resolution, "pairs": pairs, "blocks": len(model.transformer_blocks),
+            "encoder_blocks": encoder.blocks_of(model, "third"), "transformer_forward_tflops": forward,
+            "encoder_share": encode / forward, "text_encoders_tflops": text, "vae_encode_tflops": images,
+            "dpo_latent_tflops": steps["latent"] + text + images, "dpo_ncp_tflops": steps["ncp"] + text + images,
+            "ncp_over_latent": (steps["ncp"] + text + images) / (steps["latent"] + text + images)}
+
+
 def run(script, space, args, out, model, source, extra=(), steps=None, flops=False):
     """Run one training script; return its last metrics record (the warm window), or the FLOPs of one step."""
     flags = ["--model", model, "--space", space, "--data", source, "--output-dir", out,
@@ -166,7 +247,8 @@ def peak_tflops():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="any --model the training scripts take")
-    p.add_argument("--arch", choices=["sd15", "sdxl"], help="instead of --model: the real architecture, random weights")
+    p.add_argument("--arch", choices=["sd15", "sdxl", *SD35], help="instead of --model: the real architecture, random "
+                   "weights; sd35-*: FLOPs only, on the meta device (flow_costs)")
     p.add_argument("--steps", type=int, default=20, help="warm-up steps, then as many timed steps")
     p.add_argument("--resolution", type=int, help="pixels (default: the model's, 512 for sd15, 1024 for sdxl)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per step (one micro-batch, one rank)")
@@ -191,6 +273,17 @@ def main():
     peak = args.peak_tflops or (peak_tflops() if cuda else None)
     rows = [(f"{o}-{s}", SCRIPTS[o], s, []) for o in SCRIPTS for s in ("latent", "ncp")]
     results, share = {}, None
+    if args.arch in SD35:
+        costs = flow_costs(args.arch, args.resolution or 1024, args.micro_batch_size)
+        print(json.dumps(costs, indent=1))
+        print(f"\n{args.arch} at {costs['resolution']} px, {costs['pairs']} pair(s) a step: NCP-DPO "
+              f"{costs['dpo_ncp_tflops']:.1f} TFLOP, latent Flow-DPO {costs['dpo_latent_tflops']:.1f} TFLOP, ratio "
+              f"{costs['ncp_over_latent']:.2f}; the encoder ({costs['encoder_blocks']} of {costs['blocks']} joint "
+              f"blocks) is {costs['encoder_share']:.1%} of a transformer forward")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"machine": machine, "args": vars(args), "costs": costs}, f, indent=1)
+        return
     if args.arch:
         share = encoder_share(args.arch, args.resolution)
         print(f"{args.arch} at {8 * share['size']} px: U-Net forward {share['unet_tflops']:.3f} TFLOP an image; "

@@ -130,7 +130,7 @@ SAMPLING = [
     ("empty LoRA file", ["--lora", "empty"], "is not a readable safetensors file"),
     ("garbage LoRA file", ["--lora", "garbage"], "is not a readable safetensors file"),
     ("truncated LoRA file", ["--lora", "truncated"], "is not a readable safetensors file"),
-    ("LoRA without U-Net keys", ["--lora", "text-only"], "holds no U-Net LoRA weights"),
+    ("LoRA without U-Net keys", ["--lora", "text-only"], "holds no U-Net or transformer LoRA weights"),
 ]
 
 

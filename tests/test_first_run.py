@@ -72,9 +72,11 @@ def test_help_shows_every_default(capsys):
         ncp_dpo.parse_args(["--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, some inside hyphenated words
     for shown in ["(default: sdxl)", "(default: train)", "(default: 0)", "(default: 250)", "(default: 10)",
-                  "(default: sd15 5.12e-06, sdxl 5.12e-06, tiny 0.001)", "(default: sd15 512, sdxl 512, tiny 8)",
-                  "(default: sd15 absolute-winners, sdxl absolute-winners, tiny none)", "(default: 2500.0)",
-                  "cores per rank less one, at most 4"]:
+                  "(default: sd15 5.12e-06, sdxl 5.12e-06, sd3 5.12e-06, tiny 0.001)",
+                  "(default: sd15 512, sdxl 512, sd3 512, tiny 8)",
+                  "(default: sd15 absolute-winners, sdxl absolute-winners, sd3 absolute-winners, tiny none)",
+                  "(default: 2500.0)", "cores per rank less one, at most 4", "(default: sd15 mid, sdxl down, sd3 third)",
+                  "--step-back STEP_BACK", "(default: 1;", "--t5, --no-t5"]:
         assert "".join(shown.split()) in text, shown
     args = ncp_dpo.fill_defaults(ncp_dpo.parse_args(["--model", "sd15"]), "sd15")
     assert args.filter == "absolute-winners" and args.output_dir == os.path.join("runs", "dpo-ncp-sd15-absolute-winners")
