@@ -126,3 +126,15 @@ def test_spo_cost_splits_an_iteration_on_the_tiny_model(tmp_path):
         assert r["transitions"] == 2 * 15 == r["trained"]
         assert all(r[k] > 0 for k in ("sample_s", "score_s", "train_s"))
         assert abs(sum(r["shares"].values()) - 1) < 1e-9
+
+
+def test_precision_benchmark_on_tiny_sd3():
+    """The same on SD3's flow: velocity errors, the Euler step back, the first joint blocks as the encoder."""
+    import precision
+
+    results = precision.main(["--model", "tiny-sd3", "--latent-size", "16", "--pairs", "8",
+                              "--paths", "fp32,bf16,bf16-direct"])
+    jvp, direct = results["bf16"], results["bf16-direct"]
+    assert jvp["ncp"]["e_rel_median"] < 0.05 and jvp["ncp"]["grad_cosine"] > 0.99
+    assert direct["ncp"]["e_rel_median"] > 0.5 and direct["ncp"]["grad_cosine"] < 0.95
+    assert jvp["latent"] == direct["latent"] and results["fp32"]["latent"]["e_median"] > 1  # velocity errors: ~2
