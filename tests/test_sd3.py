@@ -230,13 +230,8 @@ def test_torchrun_two_ranks_match_one_and_resume_is_exact(straight, tmp_path):
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     a, b = lora(straight), lora(two)
     assert a.keys() == b.keys() and any("add_q_proj" in k for k in a)  # both streams
-    for k in a:
+    for k in a:  # (bit-exact resume in one process is model-independent: test_dpo.py checks it)
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-    one = tmp_path / "one"
-    train("ncp_dpo.py", one, *SD3, "--max-steps", "2", "--precision", "bf16")
-    train("ncp_dpo.py", one, *SD3, "--max-steps", "4", "--resume")
-    c = lora(one)
-    assert all(torch.equal(a[k], c[k]) for k in a)  # one process, resumed: bit-exact
     rows = metrics(straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["e_w"] < 1e-2 for r in rows)
 
@@ -259,14 +254,13 @@ def test_the_lora_loads_in_stablediffusion3pipeline_and_changes_the_images(strai
     torch.testing.assert_close(torch.from_numpy(run_pipe(sample.sampling_pipeline(models))), torch.from_numpy(after))
 
 
-@pytest.mark.parametrize("script", ["ncp_cpo.py", "ncp_sft.py"])
-def test_cpo_and_sft_train_tiny_sd3_in_both_spaces(tmp_path, script):
-    for space in ("ncp", "latent"):
-        train(script, tmp_path / space, *SD3, "--max-steps", "2", "--space", space, "--no-t5", "--step-back", "5")
-        rows = metrics(tmp_path / space)
-        assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    assert load_file(str(tmp_path / "ncp" / sample.LORA_FILE)).keys() == load_file(
-        str(tmp_path / "latent" / sample.LORA_FILE)).keys()
+@pytest.mark.parametrize("script, space", [("ncp_cpo.py", "ncp"), ("ncp_sft.py", "latent")])
+def test_cpo_and_sft_train_tiny_sd3(tmp_path, script, space):
+    """Each objective on SD3 (DPO's two spaces are above; CPO's and SFT's branches are the U-Net's, tested there)."""
+    train(script, tmp_path, *SD3, "--max-steps", "2", "--space", space, "--no-t5", "--step-back", "5")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert any("add_q_proj" in k for k in load_file(str(tmp_path / sample.LORA_FILE)))
 
 
 def test_latent_dpo_with_a_16_channel_cache_on_webdataset(tmp_path):
