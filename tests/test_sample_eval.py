@@ -256,18 +256,28 @@ def test_folders_of_other_protocols_are_refused(tmp_path, scorer_dir):
     assert pickscore(report, tmp_path / "a", tmp_path / "c")["winrate"] == 0.5
 
 
-def test_batched_sampling_gives_the_same_images(tmp_path, prompts):
+@pytest.mark.numerics
+def test_batched_sampling_draws_the_same_noise_and_the_same_images_to_a_level(tmp_path, prompts):
+    """What --batch-size keeps: each image's own seed, hence its initial noise and its sampler noise (one generator
+    per image), exactly; and its pixels to within one level of 255. Not bit for bit: a batch of another size runs
+    other fp32 kernels (another blocking, another summation order), and the 8-bit image shows that as a level here
+    and there. benchmarks/kernel_spread.py measured at most one level, on at most 0.0073% of the pixels (7 of 40
+    images touched), over batch sizes 1, 3 and 4 on AVX2 and SSE4.1 kernels; 0.1% holds that with room, and a real
+    dependence on the batch (another image's noise, a wrong order) moves most pixels by many levels."""
     (tmp_path / "five.txt").write_text("a red circle\na blue square\na green circle\na yellow square\na red one\n")
     for batch in ("1", "3"):
         sample.main(sample.parse_args(["--model", "tiny", "--prompts", str(tmp_path / "five.txt"), "--out",
                                        str(tmp_path / batch), "--steps", "3", "--num-images-per-prompt", "2",
                                        "--batch-size", batch, "--protocol", "spo"]))
+    one, three = (json.load(open(tmp_path / b / "index.json")) for b in ("1", "3"))
+    assert [i["seeds"] for i in one["images"]] == [i["seeds"] for i in three["images"]]
     names = [sample.image_name(i, j) for i in range(5) for j in range(2)]
-    for name in names:
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "1" / name)), np.asarray(Image.open(tmp_path / "3" / name)))
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "1" / names[0])), np.asarray(Image.open(tmp_path / "1" / names[1])))
-    index = json.load(open(tmp_path / "3" / "index.json"))
-    assert index["protocol"] == {"scheduler": "ddim", "steps": 3, "guidance_scale": 5.0, "images_per_prompt": 2,
+    diffs = [np.abs(np.asarray(Image.open(tmp_path / "1" / n), dtype=np.int16)
+                    - np.asarray(Image.open(tmp_path / "3" / n), dtype=np.int16)) for n in names]
+    assert max(d.max() for d in diffs) <= 1 and np.mean([(d > 0).mean() for d in diffs]) < 1e-3
+    first, second = (np.asarray(Image.open(tmp_path / "1" / n), dtype=np.int16) for n in names[:2])
+    assert np.abs(first - second).mean() > 5  # two seeds of one prompt: other images, by far more than a level
+    assert three["protocol"] == {"scheduler": "ddim", "steps": 3, "guidance_scale": 5.0, "images_per_prompt": 2,
                                  "name": "spo, changed"}
 
 
