@@ -26,7 +26,6 @@ import io
 import json
 import os
 import random
-import sys
 import tarfile
 import time
 
@@ -1002,50 +1001,6 @@ def ignore_stop_signals(worker_id=None):
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def stop_on_signals(stop):
-    """The run's SIGTERM / SIGINT handler (preemption, Ctrl-C): the first signal is recorded in `stop`, and the
-    training loop stops at its next micro-batch and saves; another one, 2 s or more later (a loop that did not act
-    on the first, a second Ctrl-C), ends the process at once, its DataLoader workers too. Within 2 s it is the same
-    stop delivered twice, as Slurm (to every process of the step) and torchrun (forwarding it) both do."""
-    import signal
-
-    def handler(signum, frame):
-        if stop and time.time() - stop[0][1] >= 2:
-            _release(signum)
-        stop.append((signum, time.time()))
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
-
-
-def _release(signum=None):
-    """Default signal handlers again, every DataLoader worker killed; with a signal number: die of it."""
-    import multiprocessing
-    import signal
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # SIGCHLD: torch's loader reports a killed worker
-        signal.signal(s, signal.SIG_DFL)
-    for child in multiprocessing.active_children():
-        child.kill()  # SIGKILL: the workers ignore SIGTERM (ignore_stop_signals)
-    if signum is not None:
-        os.kill(os.getpid(), signum)
-
-
-def run_main(main, args):
-    """main(args), released on any way out by an exception (an error in the loop, CUDA out of memory, a data error,
-    the run's own sys.exit): the workers ignore SIGTERM, and multiprocessing's exit hook, which stops them by
-    SIGTERM and then waits, would wait forever. Under torchrun the other ranks then fail their next collective, or
-    torchrun stops them."""
-    try:
-        return main(args)
-    except DataError as e:  # bad data met in the loop (read in a DataLoader worker, whose traceback torch adds)
-        _release()
-        sys.exit(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
-    except BaseException:
-        _release()
-        raise
 
 
 def make_loader(dataset, micro_batch, rank=0, world_size=1, seed=0, start=0, num_workers=2):

@@ -4,35 +4,40 @@ The errors of DPO / CPO / SFT are measured in the feature space of the frozen ba
 evaluated one step back along the reverse process:
 
     x_{t-1}^pred = previous_sample(x_t, t, pred, z)          eq. 2, the DDPM posterior sample
-    x_{t-1}^*    = previous_sample(x_t, t, noise, z)         the exact posterior sample (target)
+    x_{t-1}^*    = previous_sample(x_t, t, target, z)        the exact posterior sample (target: the true noise)
     e^NCP        = || E(x_{t-1}^pred, t-1, c) - E(x_{t-1}^*, t-1, c) ||^2     eq. 13, mean over C, H, W
 
 E is the base U-Net (LoRA adapters disabled, so no second copy of the weights) up to the last down block
 ("down") or through the mid block ("mid"). Its weights get no gradient; gradients flow through it into
 `pred` and from there into the LoRA weights of the policy.
 
-Two ways to compute e^NCP (`method`), chosen by the precision the encoder runs in:
+The file reads in the order a step does: the errors (perceptual_errors, eq. 13; latent_error, eq. 3), the step
+back (noised, previous_sample), the encoder's stages (U-Net or MMDiT), the JVP, and base_weights.
+
+Two ways to compute e^NCP (`method`), chosen by the precision the encoder runs in (method_for):
 
 - "direct" (fp32): E(x_{t-1}^pred) - E(x_{t-1}^*), two passes, exactly eq. 13.
-- "jvp" (bf16 / fp16): the two inputs differ by delta = x_{t-1}^pred - x_{t-1}^* = c_t (noise - pred), c_t of
+- "jvp" (bf16 / fp16): the two inputs differ by delta = x_{t-1}^pred - x_{t-1}^* = c_t (target - pred), c_t of
   0.004-0.03 on SD's schedule, so delta is 0.1-0.4% of x_{t-1}. bf16 resolves 0.4%: the direct path's two
-  inputs round to the same or adjacent values and its e^NCP is rounding noise (12x-116x too large on the SD1.5
-  architecture). Instead one forward-mode pass carries delta itself as a tangent, at its own scale:
+  inputs round to the same or adjacent values and its e^NCP is rounding noise (12x-19x too large on the SD1.5
+  architecture: docs/precision.md). Instead one forward-mode pass carries delta itself as a tangent, at its own
+  scale:
       E(x_{t-1}^pred) - E(x_{t-1}^*) = J_E(x_mid) delta + O(delta^3),   x_mid = (x_{t-1}^pred + x_{t-1}^*) / 2,
   the central difference, exact to second order (within ~1e-4 of the fp32 direct value at a prediction
   error of ~1 per element). The frozen weights stay in half precision. The policy's gradient flows through the
   tangent; x_mid is a constant for it, which drops a term of relative size O(delta). For DPO the policy's and the
   reference's errors share one primal point and the tangents J d_ref and J(d_pol - d_ref), so that their
-  difference, the margin, keeps full relative precision too (perceptual_errors).
-  Its cost and memory (see `jvp` below): one primal pass for all tangents, a tangent pass each, and a backward
-  stage by stage that never holds more than one stage's activations nor any whole attention matrix.
+  difference, the margin, keeps full relative precision too.
+  Its cost and memory (see `jvp` below, and docs/precision.md for the measurements): one primal pass for all
+  tangents, a tangent pass each, and a backward stage by stage that never holds more than one stage's
+  activations nor any whole attention matrix.
 
 Beyond the U-Net: Stable Diffusion 3.5 (rectified flow, an MMDiT). The same construction, derived for a flow:
 - the process: x_s = (1 - s) x0 + s eps, s in (0, 1]; the model predicts the velocity v = eps - x0. s is drawn as
   SD3 trains: u ~ logit-normal(0, 1) picks a point of the scheduler's 1000-point grid, after its shift
   (FlowMatchEulerDiscreteScheduler, shift 3 for SD3.5), with unit loss weights (diffusers' SD3 LoRA script with
   its default weighting, "logit_normal"). Latent errors are velocity errors, ||v_theta - (eps - x0)||^2: with
-  them Diffusion-DPO's loss is Flow-DPO's, and CPO and SFT change the same way (`target` below is eps - x0).
+  them Diffusion-DPO's loss is Flow-DPO's, and CPO and SFT change the same way (`target` is eps - x0).
 - the step back: the reverse process is the ODE dx/ds = v, deterministic, so "one step back" is an Euler step
   by Delta = s - s', s' the grid point `step_back` points below s (0 past the end):
       x^pred = x_s - Delta v_theta,     x^* = x_s - Delta (eps - x0) = the straight path's own point at s'.
@@ -45,10 +50,9 @@ Beyond the U-Net: Stable Diffusion 3.5 (rectified flow, an MMDiT). The same cons
   and get tangents of their own from block 1 on, but are not compared. K ("depth"): an integer, or "third", a
   third of the blocks (8 of SD3.5 Medium's 24): the U-Net's down stack is about 31% of SD1.5's FLOPs.
 
-Copy this file as it is: it depends on torch and on a diffusers UNet2DConditionModel or SD3Transformer2DModel.
+Copy this file as it is: it depends on torch, peft, and a diffusers UNet2DConditionModel or SD3Transformer2DModel.
 """
 
-import inspect
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
@@ -63,14 +67,96 @@ METHODS = ("direct", "jvp")
 DEPTHS = {"sd15": "mid", "sdxl": "down", "sd3": "third"}
 
 
+# -----------------------------------------------------------------------------
+# The errors: eq. 13 in the encoder's space, eq. 3 in latent space.
+
+
+def perceptual_errors(unet, scheduler, *, x_t, t, pred, target, z, cond, depth, ref_pred=None, step_back=1,
+                      method=None):
+    """Eq. 13: the per-sample mean of (E(x_{t-1}^pred) - E(x_{t-1}^*))^2, E the base weights of `unet`. (B,) fp32;
+    with ref_pred, the policy's and the reference's, (err, ref_err), sharing the exact step's features.
+
+    x_t: (B, C, h, w) at the model's timesteps t (B,); pred: the policy's prediction (with grad), ref_pred the
+    reference's (without); target: what the model predicts (the noise, or a flow's velocity eps - x0); z: the
+    reverse step's noise (None for a flow); cond: the model's keyword arguments; depth: E's depth ("down", "mid",
+    or SD3's "third" / K); step_back: a flow's Euler step, in grid points (DDPM's is one step). method: "direct" or
+    "jvp" (module docstring); by default the one the encoder's precision needs (method_for). In "jvp", e_pol and
+    e_ref come from one primal pass with the tangents J d_ref and J (d_pol - d_ref), so their difference keeps full
+    relative precision; the backward runs through the second tangent only. Gradients flow into `pred`; the
+    model's weights get none from this call.
+    """
+    preds = [pred] if ref_pred is None else [pred, ref_pred]
+    method = method or method_for(_compute_dtype(unet, x_t))
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "jvp":
+        if ref_pred is not None and ref_pred.requires_grad:
+            raise ValueError("ref_pred is the reference's prediction and must carry no grad")
+        errors = _linearised_errors(unet, scheduler, x_t, t, preds, target, z, cond, depth, step_back)
+    else:
+        features = target_features(unet, scheduler, x_t=x_t, t=t, target=target, z=z, cond=cond, depth=depth,
+                                   step_back=step_back)
+        errors = [_direct_error(unet, scheduler, x_t, t, p, z, cond, depth, features, step_back) for p in preds]
+    return errors[0] if ref_pred is None else tuple(errors)
+
+
+def latent_error(pred, target):
+    """Eq. 3: per-sample mean of (eps - eps_theta)^2 over C, H, W, the latent-space baseline; for a flow the
+    velocity error (v_theta - (eps - x0))^2 (target = eps - x0). (B,) fp32."""
+    return _mean_square(pred.float() - target.float())
+
+
 def method_for(dtype):
     """The e^NCP method for an encoder whose weights and autocast are `dtype`: "direct" in fp32, else "jvp"."""
     return "direct" if dtype == torch.float32 else "jvp"
 
 
-def is_flow(scheduler):
-    """Whether the process is a rectified flow (FlowMatchEulerDiscreteScheduler: SD3) rather than DDPM."""
-    return not hasattr(scheduler, "alphas_cumprod")
+def _compute_dtype(unet, x):
+    """The precision E runs in: autocast's dtype where autocast is on, else the lowest of the model's weights."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return min((p.dtype for p in unet.parameters() if p.is_floating_point()), key=lambda d: torch.finfo(d).bits)
+
+
+@torch.no_grad()
+def target_features(unet, scheduler, *, x_t, t, target, z, cond, depth, step_back=1):
+    """E(x_{t-1}^*, t-1, c): the features of the exact step back (taken with `target`), without grad. (B, ...) as
+    down_stack."""
+    x_prev = previous_sample(scheduler, x_t, t, target, z, step_back)
+    return encode(unet, x_prev, previous_timestep(scheduler, t, step_back), cond, depth)
+
+
+def _direct_error(unet, scheduler, x_t, t, pred, z, cond, depth, target_features, step_back):
+    """Eq. 13 by two passes (fp32): the mean square of E(x_{t-1}^pred) - target_features. (B,)."""
+    x_prev = previous_sample(scheduler, x_t, t, pred, z, step_back)
+    features = encode(unet, x_prev, previous_timestep(scheduler, t, step_back), cond, depth)
+    return _mean_square(features.float() - target_features.float())
+
+
+def _linearised_errors(unet, scheduler, x_t, t, preds, target, z, cond, depth, step_back):
+    """Eq. 13 by the JVP at the central point (module docstring), for one or two predictions. [(B,) fp32]."""
+    step = partial(previous_sample, scheduler, x_t.float(), t, z=z, step_back=step_back)
+    x_star = step(target)  # fp32 throughout: the steps are 0.1-0.4% of x
+    deltas = [step(pred) - x_star for pred in preds]  # z cancels out
+    # The primal point: half way along the (mean) step, a central difference. A constant for the gradient.
+    x_mid = (x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))).to(x_t.dtype)
+    t_prev = previous_timestep(scheduler, t, step_back)
+    if len(deltas) == 1:
+        return [_mean_square(jvp(unet, x_mid, t_prev, cond, depth, deltas)[0])]
+    # J (d_0 - d_1), the small policy-reference difference at its own scale, and J d_1 (the reference: no grad),
+    # two tangents of one primal pass.
+    j01, j1 = jvp(unet, x_mid, t_prev, cond, depth, [deltas[0] - deltas[1], deltas[1].detach()])
+    return [_mean_square(j1 + j01), _mean_square(j1)]
+
+
+def _mean_square(x):
+    """Per-sample mean of x^2 over all but the first dimension, fp32. (B,)."""
+    return x.float().pow(2).flatten(1).mean(dim=1)
+
+
+# -----------------------------------------------------------------------------
+# The step back: the training inputs of a micro-batch, and the reverse step from x_t (DDPM) or s (a flow).
 
 
 def noised(scheduler, x0, n, generator):
@@ -97,35 +183,25 @@ def noised(scheduler, x0, n, generator):
     return x_t, scheduler.timesteps.to(device)[index], noise - x0, None
 
 
-def _flow_sigmas(scheduler, t, step_back):
-    """(s, s') of a flow's timesteps t (B,): s on the scheduler's grid, s' the grid point `step_back` below (0 past
-    the end). fp32, (B,) each."""
-    if step_back < 1:
-        raise ValueError(f"step_back must be at least 1, got {step_back}")
-    grid = scheduler.timesteps.to(t.device, torch.float32)
-    index = (grid[None] - t.float()[:, None]).abs().argmin(dim=1)
-    sigmas = torch.cat([scheduler.sigmas.to(t.device, torch.float32), torch.zeros(step_back, device=t.device)])
-    return sigmas[index], sigmas[index + step_back]
-
-
-def previous_timestep(scheduler, t, step_back=1):
-    """The timestep E is evaluated at: t - 1 (DDPM, 0 at 0), or a flow's s' * 1000 (see _flow_sigmas)."""
-    if not is_flow(scheduler):
-        return (t - 1).clamp(min=0)
-    return _flow_sigmas(scheduler, t, step_back)[1] * scheduler.config.num_train_timesteps
-
 
 def previous_sample(scheduler, x_t, t, eps, z, step_back=1):
-    """The step back: DDPM's reverse step x_t -> x_{t-1} with "fixed_small" variance (eq. 2), per-sample
-    timesteps; for a flow (SD3) the Euler step x_s - (s - s') v with v = eps, the predicted (or true) velocity,
-    and no z (module docstring).
-
-    x_t, eps, z: (B, C, h, w); t: (B,) long. At t = 0 it returns x0_hat (abar_prev = 1, sigma = 0), as
-    diffusers.DDPMScheduler.step does. Coefficients in fp32; the result has x_t's dtype.
-    """
+    """The step back with the prediction (or the target) `eps`: DDPM's reverse step (_ddpm_step), or a flow's
+    Euler step (_euler_step) with eps its velocity. x_t, eps, z: (B, C, h, w); t: (B,). x_t's dtype."""
     if is_flow(scheduler):
-        s, s_prev = _flow_sigmas(scheduler, t, step_back)
-        return (x_t.float() - (s - s_prev).view(-1, 1, 1, 1) * eps.float()).to(x_t.dtype)
+        return _euler_step(scheduler, x_t, t, eps, step_back)
+    return _ddpm_step(scheduler, x_t, t, eps, z, step_back)
+
+
+def _euler_step(scheduler, x_s, t, v, step_back):
+    """A flow's step back: x_s - (s - s') v, s' the grid point `step_back` below s (module docstring); no z."""
+    s, s_prev = _flow_sigmas(scheduler, t, step_back)
+    return (x_s.float() - (s - s_prev).view(-1, 1, 1, 1) * v.float()).to(x_s.dtype)
+
+
+def _ddpm_step(scheduler, x_t, t, eps, z, step_back):
+    """DDPM's reverse step x_t -> x_{t-1} with "fixed_small" variance (eq. 2), per-sample timesteps (B,) long. At
+    t = 0 it returns x0_hat (abar_prev = 1, sigma = 0), as diffusers.DDPMScheduler.step does. Coefficients in
+    fp32."""
     if step_back != 1:
         raise ValueError("a DDPM step back is one step (step_back=1)")
     abar = scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)
@@ -138,6 +214,49 @@ def previous_sample(scheduler, x_t, t, eps, z, step_back=1):
           + ((1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t32)
     var = (1 - abar_prev) / (1 - abar_t) * beta_t  # exactly 0 at t = 0
     return (mu + var.clamp(min=0).sqrt() * z.float()).to(x_t.dtype)
+
+
+def previous_timestep(scheduler, t, step_back=1):
+    """The timestep E is evaluated at: t - 1 (DDPM, 0 at 0), or a flow's s' * 1000 (see _flow_sigmas)."""
+    if not is_flow(scheduler):
+        return (t - 1).clamp(min=0)
+    return _flow_sigmas(scheduler, t, step_back)[1] * scheduler.config.num_train_timesteps
+
+
+def _flow_sigmas(scheduler, t, step_back):
+    """(s, s') of a flow's timesteps t (B,): s on the scheduler's grid, s' the grid point `step_back` below (0 past
+    the end). fp32, (B,) each."""
+    if step_back < 1:
+        raise ValueError(f"step_back must be at least 1, got {step_back}")
+    grid = scheduler.timesteps.to(t.device, torch.float32)
+    index = (grid[None] - t.float()[:, None]).abs().argmin(dim=1)
+    sigmas = torch.cat([scheduler.sigmas.to(t.device, torch.float32), torch.zeros(step_back, device=t.device)])
+    return sigmas[index], sigmas[index + step_back]
+
+
+def is_flow(scheduler):
+    """Whether the process is a rectified flow (FlowMatchEulerDiscreteScheduler: SD3) rather than DDPM."""
+    return not hasattr(scheduler, "alphas_cumprod")
+
+
+# -----------------------------------------------------------------------------
+# The encoder E as a chain of stages, each a function of one hidden state: the U-Net's, or the MMDiT's.
+
+
+def encode(unet, x, t_prev, cond, depth="mid"):
+    """E(x, t_prev, c) with the base weights. (B, ...) as down_stack. Safe under gradient checkpointing (see below)."""
+    if torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
+        # The blocks' own checkpointing would recompute them during backward, when the adapters are on
+        # again, and silently differentiate the LoRA model instead of the base. So the blocks do not
+        # checkpoint here; the whole encoder is checkpointed by a function that disables the adapters
+        # itself, and its recomputation runs on the base weights too.
+        return checkpoint(_base_features, unet, x, t_prev, cond, depth, use_reentrant=False)
+    return _base_features(unet, x, t_prev, cond, depth)
+
+
+def _base_features(unet, x, t_prev, cond, depth):
+    with base_weights(unet), _no_block_checkpointing(unet):
+        return down_stack(unet, x, t_prev, cond, depth)
 
 
 def down_stack(unet, x, t, cond, depth="mid"):
@@ -154,27 +273,14 @@ def down_stack(unet, x, t, cond, depth="mid"):
     return h
 
 
-def is_transformer(model):
-    """Whether the denoiser is SD3's transformer (joint blocks) rather than a U-Net."""
-    return hasattr(model, "transformer_blocks")
-
-
-def blocks_of(model, depth):
-    """The number K of SD3 joint blocks E runs for `depth` (an integer, or "third"). ValueError if out of range."""
-    total = len(model.transformer_blocks)
-    k = max(1, total // 3) if depth == "third" else int(depth) if str(depth).isdigit() else None
-    if k is None or not 1 <= k < total:
-        raise ValueError(f"encoder depth for this transformer must be 'third' or a number of joint blocks from 1 to "
-                         f"{total - 1}, got {depth!r}")
-    return k
-
-
 def _stages(unet, x, t, cond, depth):
-    """The encoder as a chain of functions of one hidden state: conv_in, each down block, the mid block if
-    depth="mid" (U-Net); the patch embedding and each of the first K joint blocks (SD3). The time and text
-    embeddings, which do not depend on x, are computed here, once."""
-    if is_transformer(unet):
-        return _joint_stages(unet, t, cond, blocks_of(unet, depth))
+    """E as a list of stages, chosen once by the model: the U-Net's or the MMDiT's. The time and text embeddings,
+    which do not depend on x, are computed here, once."""
+    return (_mmdit_stages if is_transformer(unet) else _unet_stages)(unet, x, t, cond, depth)
+
+
+def _unet_stages(unet, x, t, cond, depth):
+    """conv_in, each down block, and the mid block if depth="mid"."""
     if depth not in ("down", "mid"):
         raise ValueError(f"depth must be 'down' or 'mid' for a U-Net, got {depth!r}")
     hidden = cond["encoder_hidden_states"]
@@ -199,10 +305,11 @@ def _stages(unet, x, t, cond, depth):
     return [unet.conv_in] + [partial(run, block) for block in blocks]
 
 
-def _joint_stages(model, t, cond, k):
-    """SD3's E as stages of one state: the text tokens and the image tokens side by side along the sequence,
+def _mmdit_stages(model, x, t, cond, depth):
+    """SD3's E as stages of one state, its first K = blocks_of(depth) joint blocks: the text tokens and the image tokens side by side along the sequence,
     (B, text + image tokens, width), so that each joint block is a function of one tensor; the last stage keeps the
     image tokens. The same path as SD3Transformer2DModel.forward up to block k."""
+    k = blocks_of(model, depth)
     temb = model.time_text_embed(t, cond["pooled_projections"])
     context = model.context_embedder(cond["encoder_hidden_states"])
     n = context.shape[1]
@@ -217,17 +324,19 @@ def _joint_stages(model, t, cond, k):
     return [embed] + [partial(run, block, i == k - 1) for i, block in enumerate(model.transformer_blocks[:k])]
 
 
-@contextmanager
-def base_weights(unet):
-    """Run `unet` with its PEFT adapters disabled (the frozen base model); re-enable them even on error."""
-    if not getattr(unet, "_hf_peft_config_loaded", False):
-        yield unet
-        return
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
+def is_transformer(model):
+    """Whether the denoiser is SD3's transformer (joint blocks) rather than a U-Net."""
+    return hasattr(model, "transformer_blocks")
+
+
+def blocks_of(model, depth):
+    """The number K of SD3 joint blocks E runs for `depth` (an integer, or "third"). ValueError if out of range."""
+    total = len(model.transformer_blocks)
+    k = max(1, total // 3) if depth == "third" else int(depth) if str(depth).isdigit() else None
+    if k is None or not 1 <= k < total:
+        raise ValueError(f"encoder depth for this transformer must be 'third' or a number of joint blocks from 1 to "
+                         f"{total - 1}, got {depth!r}")
+    return k
 
 
 @contextmanager
@@ -243,89 +352,6 @@ def _no_block_checkpointing(unet):
             m.gradient_checkpointing = flag
 
 
-def _base_features(unet, x, t_prev, cond, depth):
-    with base_weights(unet), _no_block_checkpointing(unet):
-        return down_stack(unet, x, t_prev, cond, depth)
-
-
-def encode(unet, x, t_prev, cond, depth="mid"):
-    """E(x, t_prev, c) with the base weights. (B, ...) as down_stack. Safe under gradient checkpointing (see below)."""
-    if torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
-        # The blocks' own checkpointing would recompute them during backward, when the adapters are on
-        # again, and silently differentiate the LoRA model instead of the base. So the blocks do not
-        # checkpoint here; the whole encoder is checkpointed by a function that disables the adapters
-        # itself, and its recomputation runs on the base weights too.
-        return checkpoint(_base_features, unet, x, t_prev, cond, depth, use_reentrant=False)
-    return _base_features(unet, x, t_prev, cond, depth)
-
-
-def _mean_square(x):
-    """Per-sample mean of x^2 over all but the first dimension, fp32. (B,)."""
-    return x.float().pow(2).flatten(1).mean(dim=1)
-
-
-@torch.no_grad()
-def target_features(unet, scheduler, x_t, t, noise, z, cond, depth="mid", step_back=1):
-    """E(x_{t-1}^*, t-1, c): the features of the exact step back, without grad. noise: the prediction's target
-    (the noise, or a flow's velocity). (B, ...) as down_stack."""
-    x_prev = previous_sample(scheduler, x_t, t, noise, z, step_back)
-    return encode(unet, x_prev, previous_timestep(scheduler, t, step_back), cond, depth)
-
-
-def perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth="mid", target=None, method="direct",
-                     step_back=1):
-    """Eq. 13: per-sample mean of (E(x_{t-1}^pred) - E(x_{t-1}^*))^2 with the base weights. (B,) fp32.
-
-    method "direct" (fp32) or "jvp" (half precision), see the module docstring. `target` may hold
-    target_features(...) computed once and shared between the policy and reference terms ("direct" only).
-    Gradients flow into `pred`; the U-Net's weights get none from this call.
-    """
-    if method == "jvp":
-        return perceptual_errors(unet, scheduler, x_t, t, [pred], noise, z, cond, depth, method, step_back)[0]
-    if method != "direct":
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if target is None:
-        target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth, step_back)
-    x_prev = previous_sample(scheduler, x_t, t, pred, z, step_back)
-    features = encode(unet, x_prev, previous_timestep(scheduler, t, step_back), cond, depth)
-    return _mean_square(features.float() - target.float())
-
-
-def perceptual_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth="mid", method="direct", step_back=1):
-    """Eq. 13 for one or two predictions from the same x_t (policy, reference): [(B,) fp32], sharing the target.
-
-    "direct" computes the target features once for both. "jvp" linearises both at one shared point and carries
-    J d_1 (without grad: the reference's) and J (d_0 - d_1) as tangents, so e_0 - e_1 = mean(2 J d_1 J(d_0 - d_1) +
-    (J(d_0 - d_1))^2) keeps full relative precision, and so does the DPO margin built from it; the backward runs
-    through the second tangent only. noise: the predictions' target (the noise, or a flow's velocity eps - x0).
-    step_back: a flow's Euler step, in grid points (module docstring); DDPM's is one step.
-    """
-    if method not in METHODS or not 1 <= len(preds) <= 2:
-        raise ValueError(f"method must be one of {METHODS} (got {method!r}), with one or two predictions")
-    if method == "jvp":
-        if len(preds) == 2 and preds[1].requires_grad:
-            raise ValueError("the second prediction is the reference's and must carry no grad")
-        return _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth, step_back)
-    target = target_features(unet, scheduler, x_t, t, noise, z, cond, depth, step_back)
-    return [perceptual_error(unet, scheduler, x_t, t, pred, noise, z, cond, depth, target, step_back=step_back)
-            for pred in preds]
-
-
-def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth, step_back):
-    step = partial(previous_sample, scheduler, x_t.float(), t, z=z, step_back=step_back)
-    x_star = step(noise)  # fp32 throughout: the steps are 0.1-0.4% of x
-    deltas = [step(pred) - x_star for pred in preds]  # z cancels out
-    # The primal point: half way along the (mean) step, a central difference. A constant for the gradient.
-    x_mid = (x_star + sum(d.detach() for d in deltas) / (2 * len(deltas))).to(x_t.dtype)
-    t_prev = previous_timestep(scheduler, t, step_back)
-    if len(deltas) == 1:
-        return [_mean_square(jvp(unet, x_mid, t_prev, cond, depth, deltas)[0])]
-    # J (d_0 - d_1), the small policy-reference difference at its own scale, and J d_1 (the reference: no grad),
-    # two tangents of one primal pass.
-    j01, j1 = jvp(unet, x_mid, t_prev, cond, depth, [deltas[0] - deltas[1], deltas[1].detach()])
-    return [_mean_square(j1 + j01), _mean_square(j1)]
-
-
 # -----------------------------------------------------------------------------
 # The JVP: J_E(x) delta for one or more tangents, bounded in memory, at unit scale in both directions.
 #
@@ -336,15 +362,7 @@ def _linearised_errors(unet, scheduler, x_t, t, preds, noise, z, cond, depth, st
 # Backward: the map delta -> J delta is linear, so its vector-Jacobian product is the primal's, J^T g: each
 # stage is run again on its saved input, with grad and the fused attention kernels, and differentiated on its
 # own, last stage first. The backward holds one stage's activations at a time and never needs the tangents.
-# Why this form, by measurement (SD1.5 architecture, 512 px, one pair, bf16; README "Results"): it replaced one
-# forward-mode pass per tangent with PyTorch's own rules and composite attention, the whole encoder checkpointed
-# as one piece. That path kept every attention matrix with its tangent for the backward (9.0 GiB above the
-# weights for the encoder's work, against 0.6 GiB now: benchmarks/encoder_cost.py), computed the primal once
-# per tangent, and convolved every layer's input with its weights' zero tangent (PyTorch's linear and conv rules
-# do), 3.74 against 2.55 TFLOP. A whole NCP-DPO step went from 3.35x latent DPO's peak memory and 3.2x its time
-# to 1.07x and 1.6x, at 1.40x its FLOPs (benchmarks/step_cost.py). Computing the backward by reverse-mode
-# through the tangent instead would need the tangent's graph, attention matrices included, or its recomputation
-# through the chunked rule; the primal's VJP needs neither and runs the fused kernels.
+# Why this form rather than PyTorch's own forward-mode rules: docs/precision.md, with the measurements.
 # Scale: each stage's tangent and each stage's incoming gradient are renormalised to unit RMS per sample (the
 # scale kept in fp32), so that neither a tiny step (policy == reference gives exactly zero) nor a tiny gradient
 # underflows in fp16, where a step's scale of 1e-30 once zeroed every gradient.
@@ -425,29 +443,27 @@ class _JvpMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            call = inspect.signature(_sdpa).bind(*args, **kwargs).arguments
-            if (call.get("attn_mask") is None and not call.get("dropout_p") and not call.get("is_causal")
-                    and not call.get("enable_gqa")):
-                return _Attention.apply(call["query"], call["key"], call["value"], call.get("scale"))
+            q, k, v, mask, dropout, causal, scale, gqa = _arguments(_SDPA, args, kwargs)
+            if mask is None and not dropout and not causal and not gqa:
+                return _Attention.apply(q, k, v, scale)
             with sdpa_kernel(SDPBackend.MATH):  # any other form: the composite one, which has a forward-mode rule
                 return func(*args, **kwargs)
         if func in (F.linear, F.conv2d):
-            call = inspect.signature(_linear if func is F.linear else _conv2d).bind(*args, **kwargs)
-            call.apply_defaults()
-            return _FrozenWeights.apply(func, *call.arguments.values())
+            return _FrozenWeights.apply(func, *_arguments(_LINEAR if func is F.linear else _CONV2D, args, kwargs))
         return func(*args, **kwargs)
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    pass
+# The parameters (name, default) of the calls _JvpMode routes, in their positional order.
+_SDPA = [("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
+         ("is_causal", False), ("scale", None), ("enable_gqa", False)]
+_LINEAR = [("input", None), ("weight", None), ("bias", None)]
+_CONV2D = _LINEAR + [("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)]
 
 
-def _linear(input, weight, bias=None):
-    pass
-
-
-def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    pass
+def _arguments(parameters, args, kwargs):
+    """A call's arguments as one positional list, in `parameters`' order, defaults filled in."""
+    given = dict(zip((name for name, _ in parameters), args), **kwargs)
+    return [given.get(name, default) for name, default in parameters]
 
 
 class _FrozenWeights(torch.autograd.Function):
@@ -518,7 +534,22 @@ def _attention_tangent(q, k, v, dq, dk, dv, scale=None):
     return torch.cat(out, dim=-2)
 
 
-def latent_error(pred, target):
-    """Eq. 3: per-sample mean of (eps - eps_theta)^2 over C, H, W, the latent-space baseline; for a flow the
-    velocity error (v_theta - (eps - x0))^2 (target = eps - x0). (B,) fp32."""
-    return _mean_square(pred.float() - target.float())
+# -----------------------------------------------------------------------------
+# The base weights: the policy's model with its adapters off is the reference and the encoder.
+
+
+@contextmanager
+def base_weights(unet):
+    """Run `unet` with its LoRA adapters off (the frozen base model), however they were added: by diffusers
+    (add_adapter, load_lora_weights) or by peft directly (inject_adapter_in_model, get_peft_model). Each of peft's
+    adapter layers is switched by its own API, and those that were on are switched on again, even on error."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield unet
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

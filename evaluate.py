@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+import run
 import sample
 
 PICKSCORE = "yuvalkirstain/PickScore_v1"
@@ -644,7 +645,7 @@ def main(args):
         for flag, path, folder in (("--out", args.out, False), ("--markdown", args.markdown, False),
                                    ("--html", args.html, True)):
             if path:
-                sample.check_output(path, flag, folder)
+                run.check_output(path, flag, folder)
         pairs = pair_up(folders, args.allow_protocol_mismatch)
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -693,6 +694,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import data
-
-    data.run_main(main, parse_args())
+    run.run_main(main, parse_args())

@@ -429,61 +429,6 @@ def lora_state_dict(unet):
     return weights if _prefix(unet) == "transformer" else convert_state_dict_to_diffusers(weights)
 
 
-def check_output(path, flag, folder=True):
-    """ValueError unless `path` can be written as a folder (or, folder=False, a file in an existing folder): checked
-    before any model loads, so that a run never fails at its first save."""
-    where = os.path.abspath(path)
-    if os.path.exists(where):
-        if os.path.isdir(where) != folder:
-            raise ValueError(f"{flag} {path} is a {'file' if folder else 'folder'}")
-        if not os.access(where if folder else os.path.dirname(where), os.W_OK | os.X_OK):
-            raise ValueError(f"{flag} {path} is not writable")
-        return
-    parent = os.path.dirname(where)
-    while folder and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        what = "a file" if os.path.exists(parent) else "missing"
-        raise ValueError(f"{flag} {path} cannot be made: {parent} is {what}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path} cannot be made: {parent} is not writable")
-
-
-SAVE_PREFIX = ".save-"  # a save's temporary folder inside the run directory
-
-
-def save_run(out_dir, unet, state=None):
-    """Write the LoRA (diffusers' format) and the checkpoint `state` into a temporary folder, then rename each into
-    OUT_DIR, the checkpoint last: a save killed between the two renames leaves the LoRA one save ahead, and the next
-    --resume rewrites it from the checkpoint (start_run). state None: the LoRA only."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix=SAVE_PREFIX, dir=out_dir) as tmp:
-        save_lora(unet, tmp)
-        if state is not None:
-            torch.save(state, os.path.join(tmp, "checkpoint.pt"))
-        os.replace(os.path.join(tmp, LORA_FILE), os.path.join(out_dir, LORA_FILE))
-        if state is not None:
-            os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.pt"))
-
-
-def start_run(out_dir, step):
-    """Rank 0, as a run starts in OUT_DIR at `step`: the temporary folders of a save that was killed are removed,
-    and metrics.jsonl loses the lines logged after the checkpoint (a resume logs those steps again)."""
-    import shutil
-
-    for name in os.listdir(out_dir):
-        if name.startswith(SAVE_PREFIX):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
-
-
 def load_data(path, what):
     """torch.load as data only (weights_only=True: tensors, numbers, strings, lists, dicts): a file holding anything
     else, which could run code as it loads, is refused; either way the error is one line that never suggests
@@ -500,20 +445,6 @@ def load_data(path, what):
     except (EOFError, RuntimeError, OSError) as e:
         why = "empty" if isinstance(e, EOFError) else "corrupt or truncated"
         raise ValueError(f"{path} is not {what} ({why})") from None
-
-
-def load_checkpoint(path, script):
-    """A run's checkpoint.pt, read as data only (torch.load with weights_only=True: tensors, numbers, strings,
-    lists, dicts), so that nothing in a run directory can run code. A file that is not that, or that another
-    script wrote (its optimizer state would go on under another loss), is refused in one line."""
-    ckpt = load_data(path, "a checkpoint")
-    if not isinstance(ckpt, dict) or not {"step", "args", "lora"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a checkpoint of this project's training scripts")
-    written = ckpt.get("script", "spo.py" if "iteration" in ckpt else script)
-    if written != script:
-        raise ValueError(f"{path} was written by {written}, not {script}: resume it with {written}, or choose "
-                         "another --output-dir")
-    return ckpt
 
 
 def save_lora(unet, out_dir):
@@ -740,58 +671,6 @@ def validation_grid(models, prompts, resolution, seed=0, steps=20):
     return make_grid(images)
 
 
-# -----------------------------------------------------------------------------
-# Reporting training metrics
-
-
-REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to -> the package it needs
-
-
-def check_reporter(kind):
-    """Fail at start, with the command that fixes it, if --report-to names a package that is not installed."""
-    import importlib.util
-
-    if kind in REPORTERS and importlib.util.find_spec(REPORTERS[kind]) is None:
-        raise ValueError(f"--report-to {kind} needs the {REPORTERS[kind]} package: pip install {REPORTERS[kind]}")
-
-
-class Reporter:
-    """The metrics of metrics.jsonl, and the validation grids, sent to TensorBoard or W&B; "none" sends nothing."""
-
-    def __init__(self, kind, output_dir, config):
-        self.kind, self.writer = kind, None
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        elif kind == "wandb":
-            import wandb
-
-            self.writer = wandb.init(project="ncp", dir=output_dir, config=config, name=os.path.basename(output_dir))
-
-    def scalars(self, record, step):
-        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.kind == "tensorboard":
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-        elif self.kind == "wandb":
-            self.writer.log(values, step=step)
-
-    def image(self, name, image, step):
-        if self.kind == "tensorboard":
-            import numpy as np
-
-            self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
-        elif self.kind == "wandb":
-            import wandb
-
-            self.writer.log({name: wandb.Image(image)}, step=step)
-
-    def close(self):
-        if self.writer is not None:
-            (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
-
-
 def parse_args(argv=None):
     import data
 
@@ -827,6 +706,8 @@ def parse_args(argv=None):
 def main(args):
     import sys
 
+    import run  # the run folder's checks (run.py imports this module)
+
     import torch.distributed as dist
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -844,7 +725,7 @@ def main(args):
                 raise ValueError(f"--{flag.replace('_', '-')} {value} must be "
                                  + ("a positive multiple of 8 (the VAE's factor)" if flag == "resolution" else
                                     "at least 1"))
-        check_output(args.out, "--out")
+        run.check_output(args.out, "--out")
         if kind == "sd3" and PROTOCOLS[args.protocol]["scheduler"] != "euler":
             raise ValueError(f"--protocol {args.protocol} samples with {PROTOCOLS[args.protocol]['scheduler']}; SD3 "
                              "samples with its flow-matching Euler scheduler (--protocol ncp)")
@@ -913,6 +794,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import data
+    import run
 
-    data.run_main(main, parse_args())
+    run.run_main(main, parse_args())

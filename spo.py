@@ -60,12 +60,9 @@ metrics.jsonl (one line per --log-every steps, and one per iteration with the sa
 times) and log.txt.
 """
 
-import argparse
-import datetime
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -78,6 +75,7 @@ from tqdm import tqdm
 
 import data
 import encoder
+import run
 import sample
 import spm
 
@@ -154,15 +152,8 @@ RESUME_MAY_CHANGE = ["max_steps", "epochs", "micro_batch_size", "lr", "save_ever
                      "validation_prompts", "validation_every", "dist_timeout", "beta", "eps"]
 
 
-def preset(key):
-    """What --help says of a flag whose default comes from the model's preset."""
-    values = {model: settings[key] for model, settings in PRESETS.items()}
-    return "(default: " + ", ".join(f"{model} {value}" for model, value in values.items()) + ")"
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run.parser(__doc__)
     # model
     p.add_argument("--model", default="sdxl",
                    help="sd15, sdxl, tiny, tiny-sdxl, a diffusers pipeline dir or hub id (default: %(default)s)")
@@ -173,7 +164,7 @@ def parse_args(argv=None):
                    "--preference-model tiny or a .bin saved from a tiny one)")
     p.add_argument("--encoder-depth", choices=["down", "mid"], help="--space ncp's encoder: the down blocks, or "
                    "through the mid block (default: " + ", ".join(f"{k} {v}" for k, v in encoder.DEPTHS.items()) + ")")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + preset("lora_rank"))
+    p.add_argument("--lora-rank", type=int, help="LoRA rank r (alpha = r) " + run.preset_help(PRESETS, "lora_rank"))
     # prompts
     p.add_argument("--prompts", help="the training prompts: a text file (one a line), a .tsv with a Prompt column, "
                    "or a split name of --data (default: --split of --data)")
@@ -181,16 +172,16 @@ def parse_args(argv=None):
                    "a hub id fetches the whole split), or synthetic (default: synthetic for the tiny models, else "
                    f"{data.PICKAPIC})")
     p.add_argument("--split", default="train", help="its split (default: %(default)s)")
-    p.add_argument("--resolution", type=int, help="sampling resolution in pixels " + preset("resolution"))
+    p.add_argument("--resolution", type=int, help="sampling resolution in pixels " + run.preset_help(PRESETS, "resolution"))
     # sampling and the preference pairs
     p.add_argument("--prompts-per-iteration", type=int, help="prompts sampled per iteration over all ranks "
-                   + preset("prompts_per_iteration"))
-    p.add_argument("--candidates", type=int, help="k, candidates per step " + preset("candidates"))
+                   + run.preset_help(PRESETS, "prompts_per_iteration"))
+    p.add_argument("--candidates", type=int, help="k, candidates per step " + run.preset_help(PRESETS, "candidates"))
     p.add_argument("--threshold", type=float, help="keep a pair when its softmax gap exceeds this "
-                   + preset("threshold"))
+                   + run.preset_help(PRESETS, "threshold"))
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps (default: %(default)s)")
     p.add_argument("--inner-steps", type=int, help="steps each candidate takes on its own before the scoring "
-                   + preset("inner_steps"))
+                   + run.preset_help(PRESETS, "inner_steps"))
     p.add_argument("--branch-from", type=int, default=4,
                    help="plain sampling steps before the candidates start (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=5.0,
@@ -201,70 +192,25 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, help="beta of the loss (default: latent "
                    f"{BETA['latent']:g}, the authors'; ncp {BETA['ncp']:g}, see the README's SPO section)")
     p.add_argument("--eps", type=float, default=0.1, help="the ratio clamp [1 - eps, 1 + eps] (default: %(default)s)")
-    # optimization
-    p.add_argument("--epochs", type=int, help="passes over the prompts " + preset("epochs"))
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: the epochs' end)")
-    p.add_argument("--global-batch-size", type=int,
-                   help="transitions per optimizer step over all ranks " + preset("global_batch_size"))
-    p.add_argument("--micro-batch-size", type=int, help="transitions per forward per rank, lowered to divide the "
-                   "global batch over the ranks if not given " + preset("micro_batch_size"))
-    p.add_argument("--lr", type=float, help="learning rate, constant after warmup " + preset("lr"))
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps " + preset("warmup_steps"))
-    p.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw",
-                   help="adamw: torch AdamW in fp32, the authors'; adamw8bit: bitsandbytes (default: %(default)s)")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
-                   help="frozen weights and autocast dtype; LoRA weights stay fp32 (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in backward " + preset("gradient_checkpointing"))
-    # run
-    p.add_argument("--output-dir", help="where the LoRA, checkpoint and logs go (default: runs/spo-SPACE-MODEL)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the LoRA init, prompt order, sampling noise and transition order (default: "
-                   "%(default)s)")
-    p.add_argument("--save-every", type=int, default=50,
-                   help="checkpoint every N optimizer steps, and at the end (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="log averaged metrics every N steps (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; flags not given "
-                   "take the checkpoint's values, and only "
-                   + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + " may change")
-    p.add_argument("--report-to", choices=["none", *sample.REPORTERS], default="none",
-                   help="also send the logged metrics and validation grids there, from rank 0 (default: %(default)s)")
-    p.add_argument("--validation-prompts", metavar="FILE", help="rank 0 samples a grid of these prompts into "
-                   "OUTPUT_DIR/samples/step_NNNNN.png at step 0 and every --validation-every steps")
-    p.add_argument("--validation-every", type=int, default=100,
-                   help="steps between validation grids (default: %(default)s)")
-    p.add_argument("--dist-timeout", type=float, default=60.0, help="minutes a collective waits for a slow rank "
-                   "(default: %(default)s; NCCL's own is 10)")
-    args = p.parse_args(argv)
-    for action in p._actions:  # parse again without defaults: what the command line itself says
-        action.default = argparse.SUPPRESS
-    args.given = sorted(vars(p.parse_args(argv)))
-    return args
+    p.add_argument("--epochs", type=int, help="passes over the prompts " + run.preset_help(PRESETS, "epochs"))
+    run.run_flags(p, PRESETS, OBJECTIVE, RESUME_MAY_CHANGE, unit="transitions", optimizer="adamw", save_every=50,
+                  max_steps="stop after this many optimizer steps (default: the epochs' end)")
+    return run.parse(p, argv)
 
 
 def fill_defaults(args, kind):
-    """Fill the unset arguments from the model's preset. Returns args."""
-    preset = PRESETS["tiny" if args.model.startswith("tiny") else kind]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.encoder_depth = args.encoder_depth or encoder.DEPTHS[kind]
-    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    """Fill the unset arguments: run.py's (the model's preset, ...), then beta by space, the data and the backbone."""
+    args = run.fill_defaults(args, PRESETS, kind, OBJECTIVE)
     args.beta = BETA[args.space] if args.beta is None else args.beta
     args.data = args.data or ("synthetic" if args.model.startswith("tiny") else data.PICKAPIC)
     if args.spm_backbone is None:
         args.spm_backbone = "tiny" if args.preference_model == "tiny" else spm.PICKSCORE
-    model = os.path.basename(args.model.rstrip("/"))
-    args.output_dir = args.output_dir or os.path.join("runs", f"{OBJECTIVE}-{args.space}-{model}")
-    args.objective = OBJECTIVE
     return args
 
 
-def check_run(args):
+def check_run(args, kind):
     """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
+    run.check_flags(args, kind)
     for key, low in (("candidates", 2), ("steps", 2), ("prompts_per_iteration", 1), ("epochs", 1)):
         if getattr(args, key) < low:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least {low}")
@@ -279,46 +225,7 @@ def check_run(args):
     if args.preference_model not in ("tiny", "identity") and not os.path.isfile(args.preference_model):
         raise ValueError(f"--preference-model {args.preference_model}: no such file (download the .bin of "
                          f"{spm.RELEASED}, or pass tiny)")
-    sample.check_output(args.output_dir, "--output-dir")
-    path = os.path.join(args.output_dir, "checkpoint.pt")
-    if not os.path.exists(path):
-        if args.resume:
-            raise ValueError(f"--resume: nothing to resume, there is no {path}")
-        return None
-    ckpt = sample.load_checkpoint(path, "spo.py")
-    if not args.resume:
-        raise ValueError(f"{args.output_dir} holds a run at step {ckpt['step']}: pass --resume to continue it, "
-                         "or choose another --output-dir")
-    changed, refused = [], []
-    for key, before in ckpt["args"].items():
-        if key in ("resume", "output_dir") or not hasattr(args, key):
-            continue
-        if key not in args.given:
-            setattr(args, key, before)  # not on the command line: the run's own value
-        elif getattr(args, key) != before:
-            change = f"{key.replace('_', '-')} {before} -> {getattr(args, key)}"
-            (changed if key in RESUME_MAY_CHANGE else refused).append(change)
-    if refused:
-        raise ValueError(f"--resume cannot change {'; '.join(refused)}: the checkpoint's LoRA, optimizer state and "
-                         f"position belong to its own values (only {', '.join(RESUME_MAY_CHANGE)} may change)")
-    if args.max_steps is not None and args.max_steps < ckpt["step"]:
-        raise ValueError(f"--max-steps {args.max_steps}: the checkpoint is already at step {ckpt['step']}")
-    args.changed_on_resume = changed
-    return ckpt
-
-
-def check_batch(args, world_size, fit=True):
-    """Fail fast on batch sizes that do not divide over the ranks. With fit, a micro-batch size that was not given
-    (the preset's) is lowered until it does."""
-    if fit and "micro_batch_size" not in args.given and args.global_batch_size % world_size == 0:
-        per_rank = args.global_batch_size // world_size
-        args.micro_batch_size = max(d for d in range(1, min(args.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
-    per_step = args.micro_batch_size * world_size
-    if min(args.global_batch_size, args.micro_batch_size) <= 0 or args.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
-                         f"--micro-batch-size x world size = {args.micro_batch_size} x {world_size} = {per_step}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise ValueError(f"--max-steps {args.max_steps} must be positive")
+    return run.resume_point(args, "spo.py", RESUME_MAY_CHANGE)
 
 
 def prompt_seed(seed, iteration, index):
@@ -326,180 +233,28 @@ def prompt_seed(seed, iteration, index):
     return ((seed * 1_000_003 + iteration) * 1_000_003 + index) % 2**63
 
 
-def stop_signal(stop, ddp, device):
-    """The signal that asked the run to stop (0: none), the same on every rank: one tiny all-reduce."""
-    flag = torch.tensor([stop[0][0] if stop else 0], device=device)
-    if ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals):
-    """Clip, step (unless the gradient is not finite), advance the schedule. Returns (step + 1, grad norm, lr used)."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # DDP has averaged the grads: same on all ranks
-    if torch.isfinite(grad_norm):
-        scaler.step(optimizer)
-    else:  # a non-finite loss or gradient: skip the update, never write NaN into the LoRA
-        totals["nonfinite_steps"] += 1
-    scaler.update()
-    lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the schedule's next is for the next step)
-    lr_schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step + 1, grad_norm, lr
-
-
-def run_args(args):
-    """The run's settings as a checkpoint stores them (without what this command line alone says)."""
-    return {k: v for k, v in vars(args).items() if k not in ("given", "changed_on_resume")}
-
-
-def validate(models, prompts, args, step, report, autocast):
-    """Rank 0: the validation grid of `step`, saved and reported. Returns (its path, the seconds it took)."""
-    start = time.time()
-    with autocast:
-        grid = sample.validation_grid(models, prompts, args.resolution, args.seed)
-    path = os.path.join(args.output_dir, "samples", f"step_{step:05d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path)
-    report.image("validation", grid, step)
-    return path, time.time() - start
-
-
-def peak_memory(cuda):
-    """GiB: the peak of allocated GPU memory on GPU; the process's peak resident memory on CPU."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def setup_distributed(timeout_minutes):
-    """(ddp, rank, local rank, world size, device) of this process; joins the process group under torchrun."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank, world_size = (int(os.environ.get(k, "0" if k != "WORLD_SIZE" else "1"))
-                                    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return ddp, rank, local_rank, world_size, device
-
-
-def make_optimizer(args, params, device):
-    """AdamW (the authors': weight decay 1e-4), a linear warmup to a constant lr, and fp16's gradient scaler."""
-    if args.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    return optimizer, lr_schedule, scaler
-
-
-def restore(ckpt, lora, optimizer, lr_schedule, scaler, lr):
-    """Load a checkpoint's LoRA, optimizer, schedule and scaler; the schedule then runs at this command's lr.
-    Returns (step, totals)."""
-    set_lora(lora, ckpt["lora"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    lr_schedule.load_state_dict(ckpt["lr_schedule"])
-    lr_schedule.base_lrs = [lr]  # this command's lr, which may have changed on resume
-    optimizer.param_groups[0]["lr"] = lr * lr_schedule.lr_lambdas[0](lr_schedule.last_epoch)
-    scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["step"], ckpt["totals"]
-
-
-def set_lora(lora, values):
-    with torch.no_grad():
-        for name, p in lora.items():
-            p.copy_(values[name])
-
-
-def reduce_window(window, steps, ddp, world_size, device):
-    """The logged window's metrics, averaged over its steps and the ranks: {name: float}."""
-    names = sorted(window)
-    values = torch.stack([torch.as_tensor(window[k], device=device).float() for k in names]) / steps
-    if ddp:
-        dist.all_reduce(values)
-        values /= world_size
-    return {k: v.item() for k, v in zip(names, values)}
-
-
-def ranks_agree(params, world_size, device):
-    """Whether every rank holds the same LoRA: each tensor's sum and sum of squares, gathered and compared."""
-    sums = torch.stack([s for p in params for s in (p.double().sum(), p.double().square().sum())]).to(device)
-    gathered = [torch.zeros_like(sums) for _ in range(world_size)]
-    dist.all_gather(gathered, sums)
-    return all(torch.equal(gathered[0], x) for x in gathered)
-
-
-def load_run(args, ddp, local_rank, world_size, master, device):
-    """Check everything that can be checked, then read the prompts and load the models, local rank 0 first (one
-    download per node). A user error is one line on every rank, and a run that fails here leaves nothing behind.
-    Returns (args, checkpoint or None, prompts, validation prompts, dtype, models, preference model)."""
-    slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if ddp else None  # waits for downloads
-    if ddp and local_rank != 0:
-        dist.barrier(group=slow)
-    error, fresh, loaded = None, False, None
-    try:
-        _, kind = sample.resolve_model(args.model)
-        if kind == "sd3":  # its sampler is a deterministic ODE: there is no step to draw candidates from
-            raise ValueError(f"spo.py trains SD1.5 and SDXL only: its candidates are stochastic DDIM steps, and "
-                             f"{args.model} is a rectified flow (SD3); train it with ncp_dpo.py, ncp_cpo.py or ncp_sft.py")
-        args = fill_defaults(args, kind)
-        fresh = not os.path.exists(args.output_dir)
-        ckpt = check_run(args)
-        check_batch(args, world_size, fit=ckpt is None)
-        source = args.data
-        if source == "synthetic":
-            source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data"))
-        prompts = sample.read_prompts(args.prompts or args.split, source)
-        validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
-        sample.check_reporter(args.report_to)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-        preference = spm.load(None if args.preference_model in ("tiny", "identity") else args.preference_model,
-                              args.spm_backbone, device=device)  # fp32: its keep rule compares small gaps
-        loaded = (args, ckpt, prompts, validation, dtype, sample.load_models(args.model, dtype, device), preference)
-    except (ValueError, OSError) as e:  # ModelError and DataError are ValueErrors: a user error, no traceback
-        error = f"error: {e}"
-    if ddp and local_rank == 0:
-        dist.barrier(group=slow)
-    failed = torch.tensor([float(error is not None), float(master and error is not None)])  # anywhere, on rank 0
-    if ddp:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=slow)
-    if failed[0]:
-        if fresh and master:
-            shutil.rmtree(args.output_dir, ignore_errors=True)
-        sys.exit(error if master or (error and not failed[1]) else 1)  # one message: rank 0's if it has one
-    return loaded
-
-
-def logger(path):
-    """print0(*parts): on rank 0 (path given), a line to the console, above the progress bar, and to `path`."""
-    log_file = open(path, "a") if path else None
-
-    def print0(*parts):
-        if log_file:
-            line = " ".join(str(p) for p in parts)
-            tqdm.write(line)
-            log_file.write(line + "\n")
-            log_file.flush()
-
-    return print0
-
-
-def write_record(record, path, report, bar, print0):
-    """Rank 0's outputs of one log line: metrics.jsonl, the reporter, the progress bar, the console and log.txt."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    report.scalars(record, record["step"])
-    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "accuracy") if k in record})
-    print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+def load_run(args, world_size, device, made):
+    """Everything that can fail on a user's input, before anything is written (run.load_together runs it, local rank
+    0 first). Returns (args, checkpoint or None, prompts, validation prompts, dtype, models, preference model)."""
+    _, kind = sample.resolve_model(args.model)
+    if kind == "sd3":  # its sampler is a deterministic ODE: there is no step to draw candidates from
+        raise ValueError(f"spo.py trains SD1.5 and SDXL only: its candidates are stochastic DDIM steps, and "
+                         f"{args.model} is a rectified flow (SD3); train it with ncp_dpo.py, ncp_cpo.py or ncp_sft.py")
+    args = fill_defaults(args, kind)
+    if not os.path.exists(args.output_dir):
+        made.append(args.output_dir)
+    ckpt = check_run(args, kind)
+    run.check_batch(args, world_size, fit=ckpt is None)
+    source = args.data
+    if source == "synthetic":
+        source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data"))
+    prompts = sample.read_prompts(args.prompts or args.split, source)
+    validation = sample.read_prompts(args.validation_prompts) if args.validation_prompts else []
+    run.check_reporter(args.report_to)
+    dtype = run.DTYPES[args.precision]
+    preference = spm.load(None if args.preference_model in ("tiny", "identity") else args.preference_model,
+                          args.spm_backbone, device=device)  # fp32: its keep rule compares small gaps
+    return args, ckpt, prompts, validation, dtype, sample.load_models(args.model, dtype, device), preference
 
 
 # -----------------------------------------------------------------------------
@@ -700,33 +455,23 @@ def log_ratios(args, raw_unet, unet, ddim, batch, both, cond, method):
     return [((e - linear[j][0]) * linear[j][1]).mean(dim=(1, 2, 3)) / var for e, (_, j) in zip(e_x, sides)]
 
 
-def checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args, position, iteration_lora):
-    """Everything a resume needs: LoRA, optimizer, schedule, scaler, step, the iteration and the steps taken in it,
-    the LoRA that iteration sampled with (when steps were taken in it), totals, args."""
-    return {"script": "spo.py", "lora": {n: p.detach().cpu() for n, p in lora.items()},
-            "optimizer": optimizer.state_dict(),
-            "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "iteration": position[0], "iteration_step": position[1],
-            "iteration_lora": iteration_lora if position[1] else None, "totals": totals, "args": run_args(args)}
-
-
 def main(args):
     # -------------------------------------------------------------------------
     # Distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs one process.
-    ddp, rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
+    ddp, rank, local_rank, world_size, device = run.setup_distributed(args.dist_timeout)
     cuda, master = device.type == "cuda", rank == 0
 
     # -------------------------------------------------------------------------
     # Check, then read the prompts and load the models (local rank 0 first: one download per node).
-    args, ckpt, prompts, validation, dtype, models, preference = load_run(args, ddp, local_rank, world_size, master,
-                                                                          device)
+    args, ckpt, prompts, validation, dtype, models, preference = run.load_together(
+        lambda made: load_run(args, world_size, device, made), ddp, local_rank, master)
     accum = args.global_batch_size // (args.micro_batch_size * world_size)
     per_epoch = math.ceil(len(prompts) / args.prompts_per_iteration)
     iterations = args.epochs * per_epoch
     os.makedirs(args.output_dir, exist_ok=True)
     if master:  # a killed save's temporary folder removed; lines logged after the checkpoint dropped
-        sample.start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0)
-    print0 = logger(os.path.join(args.output_dir, "log.txt") if master else None)
+        run.start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0)
+    print0 = run.logger(os.path.join(args.output_dir, "log.txt") if master else None)
     print0(f"prompts: {len(prompts)}, {per_epoch} iterations of {args.prompts_per_iteration} an epoch, "
            f"{args.epochs} epochs")
     print0(f"{OBJECTIVE} in {args.space} space | {args.model} | preference model {args.preference_model} | "
@@ -734,7 +479,7 @@ def main(args):
            f"accum {accum} = {args.global_batch_size} transitions/step | {args.precision}")
     if ckpt is not None and args.changed_on_resume:
         print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
-    report = sample.Reporter(args.report_to if master else "none", args.output_dir, run_args(args))
+    report = run.Reporter(args.report_to if master else "none", args.output_dir, run.run_args(args))
 
     # -------------------------------------------------------------------------
     # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.
@@ -755,27 +500,28 @@ def main(args):
 
     # -------------------------------------------------------------------------
     # Optimizer, schedule, resume.
-    optimizer, lr_schedule, scaler = make_optimizer(args, lora_params, device)
+    optimizer, lr_schedule, scaler = run.make_optimizer(args, lora_params, device, weight_decay=1e-4)  # the authors'
     step, totals = 0, {"kept_transitions": 0, "dropped_transitions": 0, "nonfinite_steps": 0}
     iteration, iteration_step, iteration_lora = 0, 0, None
     if ckpt is not None:
-        step, totals = restore(ckpt, lora, optimizer, lr_schedule, scaler, args.lr)
+        step, totals = run.restore(ckpt, lora, optimizer, lr_schedule, scaler, args.lr)
         iteration, iteration_step, iteration_lora = ckpt["iteration"], ckpt["iteration_step"], ckpt["iteration_lora"]
         print0(f"resumed from {args.output_dir}/checkpoint.pt at step {step} (iteration {iteration}, "
                f"{iteration_step} steps into it)")
         if master:  # the LoRA file is the checkpoint's again (a save killed between its renames left it ahead)
-            sample.save_run(args.output_dir, raw_unet)
+            run.save_run(args.output_dir, raw_unet)
 
     def save():
         if master:
-            state = checkpoint_state(lora, optimizer, lr_schedule, scaler, step, totals, args,
-                                     (iteration, iteration_step), iteration_lora)
-            sample.save_run(args.output_dir, raw_unet, state)
+            state = run.checkpoint_state("spo.py", lora, optimizer, lr_schedule, scaler, step, totals, args,
+                                         iteration=iteration, iteration_step=iteration_step,
+                                         iteration_lora=iteration_lora if iteration_step else None)
+            run.save_run(args.output_dir, raw_unet, state)
         if ddp:
             dist.barrier()
 
     stop = []  # SIGTERM / SIGINT (preemption, Ctrl-C): stop at the next micro-batch or denoising step, save, exit
-    data.stop_on_signals(stop)
+    run.stop_on_signals(stop)
 
     # -------------------------------------------------------------------------
     # Training loop: sample an iteration's transitions with the current policy, then train one pass over them.
@@ -783,7 +529,7 @@ def main(args):
     stopping = 0  # the signal that stopped the run (0: none)
     max_steps = args.max_steps or float("inf")
     if master and validation and ckpt is None:
-        path, seconds = validate(models, validation, args, step, report, autocast)
+        path, seconds = run.validate(models, validation, args, step, report, autocast)
         print0(f"validation grid {path}: {seconds:.1f} s")
     bar = tqdm(total=iterations, initial=iteration, disable=not master, desc=OBJECTIVE, unit="iteration",
                dynamic_ncols=True)
@@ -795,17 +541,17 @@ def main(args):
         mine = chosen[rank::world_size]
         current = {n: p.detach().clone() for n, p in lora.items()}
         if iteration_step:  # resumed inside this iteration: sample it again with the LoRA it sampled with
-            set_lora(lora, iteration_lora)
+            run.set_lora(lora, iteration_lora)
         iteration_lora = {n: p.detach().cpu().clone() for n, p in lora.items()}
         start = time.time()
         unet.eval()
         with autocast:
             found = sample_transitions(models, raw_unet, preference, ddim, [prompts[i] for i in mine],
                                        [prompt_seed(args.seed, iteration, i) for i in mine], args, empty,
-                                       lambda: stop_signal(stop, ddp, device))
-        set_lora(lora, current)
+                                       lambda: run.stop_signal(stop, ddp, device))
+        run.set_lora(lora, current)
         if found is None:
-            stopping = stop_signal(stop, ddp, device)
+            stopping = run.stop_signal(stop, ddp, device)
             print0(f"{signal.Signals(stopping).name}: stopping during the sampling of iteration {iteration}")
             break
         local, timing = found
@@ -838,7 +584,7 @@ def main(args):
         while iteration_step < steps_here and step < max_steps:
             step_metrics = {}
             for micro in range(accum):
-                stopping = stop_signal(stop, ddp, device)  # every rank stops at the same micro-batch
+                stopping = run.stop_signal(stop, ddp, device)  # every rank stops at the same micro-batch
                 if stopping:
                     break
                 first = iteration_step * args.global_batch_size + (micro * world_size + rank) * args.micro_batch_size
@@ -857,24 +603,24 @@ def main(args):
                 print0(f"{signal.Signals(stopping).name}: stopping at step {step}, {micro} of {accum} micro-batches "
                        "dropped")
                 break
-            step, grad_norm, lr = optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals)
+            step, grad_norm, lr = run.optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals)
             iteration_step += 1
             for k, v in step_metrics.items():
                 window[k] = window.get(k, 0.0) + v
             window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
             window_steps += 1
             if step % args.log_every == 0 or step % args.save_every == 0:
-                means = reduce_window(window, window_steps, ddp, world_size, device)
+                means, _ = run.reduce_window(window, window_steps, ddp, world_size, device)
                 elapsed = (time.time() - window_start) / window_steps
                 record = {"step": step, "iteration": iteration, **means, "lr": lr, "step_time": elapsed,
-                          "peak_mem_gib": peak_memory(cuda), **totals}
+                          "peak_mem_gib": run.peak_memory(cuda), **totals}
                 if master:
-                    write_record(record, os.path.join(args.output_dir, "metrics.jsonl"), report, bar, print0)
+                    run.write_record(record, os.path.join(args.output_dir, "metrics.jsonl"), report, bar, print0)
                 window, window_steps, window_start = {}, 0, time.time()
             if step % args.save_every == 0:
                 save()
             if master and validation and step % args.validation_every == 0:
-                path, seconds = validate(models, validation, args, step, report, autocast)
+                path, seconds = run.validate(models, validation, args, step, report, autocast)
                 print0(f"validation grid {path}: {seconds:.1f} s")
                 window_start += seconds
         if stopping or iteration_step < steps_here:  # stopped, or --max-steps reached inside the iteration
@@ -886,23 +632,23 @@ def main(args):
                       "train_s": time.time() - train_start}
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            print0(run.log_line(record))
         iteration, iteration_step = iteration + 1, 0
         bar.update(1)
 
     # -------------------------------------------------------------------------
     bar.close()
     if window_steps:
-        means = reduce_window(window, window_steps, ddp, world_size, device)
+        means, _ = run.reduce_window(window, window_steps, ddp, world_size, device)
         if master:
-            write_record({"step": step, "iteration": iteration, **means, **totals},
+            run.write_record({"step": step, "iteration": iteration, **means, **totals},
                          os.path.join(args.output_dir, "metrics.jsonl"), report, bar, print0)
     save()
     if stopping:
         print0(f"checkpoint of step {step} saved {time.time() - stop[0][1]:.1f} s after the signal" if stop else
                f"checkpoint of step {step} saved; continue with --resume")
     if ddp:  # a cheap proof that the ranks stayed in step
-        print0(f"LoRA weights identical on all {world_size} ranks: {ranks_agree(lora_params, world_size, device)}")
+        print0(f"LoRA weights identical on all {world_size} ranks: {run.ranks_agree(lora_params, world_size, device)}")
     print0(f"done: step {step}, iteration {iteration}, LoRA in {args.output_dir}/{sample.LORA_FILE}")
     report.close()
     if ddp:
@@ -916,4 +662,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    data.run_main(main, parse_args())
+    run.run_main(main, parse_args())

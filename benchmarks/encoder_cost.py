@@ -128,7 +128,8 @@ def measure(args, path, queue):
             if path == "composite":
                 e = composite_errors(unet, scheduler, x_t, t, [leaf, ref_pred], noise, z, cond, depth)
             else:
-                e = encoder.perceptual_errors(unet, scheduler, x_t, t, [leaf, ref_pred], noise, z, cond, depth, path)
+                e = encoder.perceptual_errors(unet, scheduler, x_t=x_t, t=t, pred=leaf, ref_pred=ref_pred, target=noise,
+                                              z=z, cond=cond, depth=depth, method=path)
         grad, = torch.autograd.grad((e[0] - e[1]).sum(), leaf)
         return grad
 

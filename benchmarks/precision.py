@@ -134,8 +134,8 @@ def run_path(models, lora, inputs, dtype, method, beta, micro):
             start_time = time.perf_counter()
             with FlopCounterMode(display=False) as counter:
                 leaf = pred.detach().requires_grad_()
-                e = encoder.perceptual_errors(unet, scheduler, x_t, t, [leaf, ref_pred], noise, z, cond,
-                                              depth=DEPTH[models.kind], method=method)
+                e = encoder.perceptual_errors(unet, scheduler, x_t=x_t, t=t, pred=leaf, ref_pred=ref_pred, target=noise,
+                                              z=z, cond=cond, depth=DEPTH[models.kind], method=method)
                 grad_pred, = torch.autograd.grad(e[0].sum(), leaf, retain_graph=True)
             cost["seconds"] += time.perf_counter() - start_time
             cost["tflops"] += counter.get_total_flops() / 1e12

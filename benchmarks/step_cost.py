@@ -188,8 +188,9 @@ def flow_costs(arch, resolution=1024, pairs=1, step_back=1):
         if space == "latent":
             err, ref_err = encoder.latent_error(pred, target), encoder.latent_error(ref_pred, target)
         else:
-            err, ref_err = encoder.perceptual_errors(model, scheduler, x_t, t, [pred, ref_pred], target, None, cond,
-                                                     "third", "jvp", step_back)
+            err, ref_err = encoder.perceptual_errors(model, scheduler, x_t=x_t, t=t, pred=pred, ref_pred=ref_pred,
+                                                     target=target, z=None, cond=cond, depth="third", method="jvp",
+                                                     step_back=step_back)
         loss, _ = ncp_dpo.dpo_loss(*err.chunk(2), *ref_err.chunk(2), 2500.0)
         loss.backward()
 

@@ -206,18 +206,17 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
         else:
             t = torch.full((2 * n,), step)
             x_t, goal = sched.add_noise(x0, noise, t), noise
-        target = None if space == "latent" else \
-            encoder.target_features(models.unet, sched, x_t, t, goal, z, cond, depth, step_back)  # once for both
-        errors, preds = [], []
+        preds = []
         for policy in (True, False):
             with encoder.base_weights(models.unet) if not policy else contextlib.nullcontext():
-                pred = models.unet(x_t, timestep=t, **cond).sample
-            err = encoder.latent_error(pred, goal) if space == "latent" else \
-                encoder.perceptual_error(models.unet, sched, x_t, t, pred, goal, z, cond, depth, target,
-                                         step_back=step_back)
-            errors.append(err)
-            preds.append(pred.float())
-        e, ref = errors
+                preds.append(models.unet(x_t, timestep=t, **cond).sample)
+        if space == "latent":
+            e, ref = (encoder.latent_error(pred, goal) for pred in preds)
+        else:  # the exact step's features once for both; the two-pass form, as the toy was measured with
+            e, ref = encoder.perceptual_errors(models.unet, sched, x_t=x_t, t=t, pred=preds[0], ref_pred=preds[1],
+                                               target=goal, z=z, cond=cond, depth=depth, step_back=step_back,
+                                               method="direct")
+        preds = [pred.float() for pred in preds]
         drift.append((preds[0] - preds[1]).square().mean())
         inside = (ref[:n] - ref[n:]) - (e[:n] - e[n:])
         wins.append((inside > 0).float() + 0.5 * (inside == 0).float())

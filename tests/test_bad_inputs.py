@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import run as run_py
 import sample
 from helpers import ROOT, env, lora, metrics, train
 from test_formats import write_hpdv3, write_pickapic, write_webdataset
@@ -236,12 +237,12 @@ def test_a_save_killed_between_its_renames_is_made_whole_on_resume(tmp_path):
     train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "2", "--resume", *steps)
     straight = lora(run_dir)
     shutil.copy(saved / "checkpoint.pt", run_dir / "checkpoint.pt")  # the kill: the checkpoint is step 1's still
-    (run_dir / (sample.SAVE_PREFIX + "x1y2")).mkdir()
+    (run_dir / (run_py.SAVE_PREFIX + "x1y2")).mkdir()
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
 
     train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "1", "--resume", *steps)
     assert all(torch.equal(a, b) for a, b in zip(lora(run_dir).values(), lora(saved).values()))
-    assert not [n for n in os.listdir(run_dir) if n.startswith(sample.SAVE_PREFIX)]
+    assert not [n for n in os.listdir(run_dir) if n.startswith(run_py.SAVE_PREFIX)]
     assert [r["step"] for r in metrics(run_dir)] == [1]
     train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "2", "--resume", *steps)
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ncp_dpo
+import run
 import sample
 from helpers import FAST, ROOT, env, lora, metrics, train
 
@@ -178,4 +179,4 @@ def test_user_errors_are_one_line_and_leave_nothing_behind(tmp_path):
     assert "--max-steps 0 must be positive" in proc.stdout and not out.exists()
     proc = train("ncp_dpo.py", out, "--model", "tiny", "--seed", str(2**40), check=False)
     assert "--seed 1099511627776 must be between 0 and 2^32 - 1" in proc.stdout
-    assert ncp_dpo.step_seed(2**32 - 1, 10**6, 10**4) < 2**63  # the largest seed still gives valid generator seeds
+    assert run.step_seed(2**32 - 1, 10**6, 10**4) < 2**63  # the largest seed still gives valid generator seeds

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import encoder
 import ncp_dpo
+import run
 import sample
 from helpers import ROOT, env, lora, metrics, train
 
@@ -59,7 +60,8 @@ def test_one_step_lowers_winner_error_relative_to_reference(models, space):
             pred = models.unet(x_t, t, **cond).sample
         if space == "latent":
             return encoder.latent_error(pred, noise)
-        return encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
+        return encoder.perceptual_errors(models.unet, models.scheduler, x_t=x_t, t=t, pred=pred, target=noise, z=z,
+                                         cond=cond, depth="mid")
 
     ref = errors(False).detach()
 
@@ -160,7 +162,7 @@ def test_regime_metrics_are_percentiles_of_beta_times_margin_over_the_window():
     g = torch.Generator().manual_seed(0)
     steps = [torch.randn(8, generator=g, dtype=torch.float64) * 2 for _ in range(2)]
     window = {"loss": torch.tensor(1.4), "beta_margin": [steps[0][:4], steps[0][4:], steps[1]]}
-    means, _ = ncp_dpo.reduce_window(window, 2, torch.zeros(2, dtype=torch.float64), False, 1, torch.device("cpu"))
+    means, _ = run.reduce_window(window, 2, False, 1, torch.device("cpu"), torch.zeros(2, dtype=torch.float64))
     pooled = torch.cat(steps).numpy()
     assert means["loss"] == pytest.approx(0.7)
     for q in (10, 50, 90):

@@ -82,12 +82,18 @@ def _adapters_on(unet):
     return bool(layers) and all(not m.disable_adapters for m in layers)
 
 
+def ncp(models, x_t, t, pred, target, z, cond, depth="mid", **kwargs):
+    """encoder.perceptual_errors on a test model."""
+    return encoder.perceptual_errors(models.unet, models.scheduler, x_t=x_t, t=t, pred=pred, target=target, z=z,
+                                     cond=cond, depth=depth, **kwargs)
+
+
 def test_perceptual_error_zero_when_pred_is_noise(models):
     _, x_t, t, noise, z, cond = _setup(models)
-    err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise, noise, z, cond, "mid")
+    err = ncp(models, x_t, t, noise, noise, z, cond)
     assert err.shape == (2,)
     assert torch.all(err == 0)
-    err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise + 0.1, noise, z, cond, "mid")
+    err = ncp(models, x_t, t, noise + 0.1, noise, z, cond)
     assert torch.all(err > 0)
 
 
@@ -113,14 +119,14 @@ def test_adapters_restored_when_encoder_raises(models, monkeypatch):
 
     monkeypatch.setattr(models.unet.conv_in, "forward", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise, noise, z, cond)
+        ncp(models, x_t, t, noise, noise, z, cond)
     assert _adapters_on(models.unet)
 
 
 def test_gradient_reaches_pred_and_lora_but_no_base_weight(models):
     lora, x_t, t, noise, z, cond = _setup(models)
     pred = models.unet(x_t, t, **cond).sample  # the policy: base + LoRA
-    err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
+    err = ncp(models, x_t, t, pred, noise, z, cond)
     err.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     lora_ids = {id(p) for p in lora}
@@ -130,17 +136,20 @@ def test_gradient_reaches_pred_and_lora_but_no_base_weight(models):
 
 def test_target_features_can_be_shared_and_gradient_checkpointing_gives_same_grad(models):
     _, x_t, t, noise, z, cond = _setup(models)
-    target = encoder.target_features(models.unet, models.scheduler, x_t, t, noise, z, cond, "mid")
+    target = encoder.target_features(models.unet, models.scheduler, x_t=x_t, t=t, target=noise, z=z, cond=cond,
+                                     depth="mid")
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
             models.unet.enable_gradient_checkpointing()
         pred = (noise + 0.3 * torch.randn_like(noise)).requires_grad_() if not grads else pred.detach().requires_grad_()
-        err = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid", target)
+        err = ncp(models, x_t, t, pred, noise, z, cond)
         err.sum().backward()
         grads.append(pred.grad)
-        again = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred.detach(), noise, z, cond, "mid")
-        torch.testing.assert_close(err.detach(), again)  # precomputed target == target computed inside
+        with torch.no_grad():  # the target features are E of the exact step, as eq. 13 compares them
+            x_prev = encoder.previous_sample(models.scheduler, x_t, t, pred, z)
+            features = encoder.encode(models.unet, x_prev, (t - 1).clamp(min=0), cond, "mid")
+        torch.testing.assert_close(err.detach(), (features - target).pow(2).mean(dim=(1, 2, 3)))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -164,9 +173,8 @@ def test_fp32_path_is_bit_equal_to_eq13_written_out(models):
     pred = noise + 0.3 * torch.randn_like(noise)
     assert encoder.method_for(torch.float32) == "direct"
     expected = _old_perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
-    assert torch.equal(encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid"), expected)
-    both = encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, [pred, noise + 0.1], noise, z, cond, "mid",
-                                     encoder.method_for(torch.float32))
+    assert torch.equal(ncp(models, x_t, t, pred, noise, z, cond), expected)
+    both = ncp(models, x_t, t, pred, noise, z, cond, ref_pred=noise + 0.1, method=encoder.method_for(torch.float32))
     assert torch.equal(both[0], expected)
 
 
@@ -193,8 +201,7 @@ def _dpo_figures(models, lora, x_t, t, noise, z, cond, dtype):
         pred = unet(x_t, t, **cond).sample
         with torch.no_grad(), encoder.base_weights(unet):
             ref_pred = unet(x_t, t, **cond).sample
-        e, ref_e = encoder.perceptual_errors(unet, models.scheduler, x_t, t, [pred, ref_pred], noise, z,
-                                             cond, "mid", encoder.method_for(dtype))
+        e, ref_e = ncp(models, x_t, t, pred, noise, z, cond, ref_pred=ref_pred, method=encoder.method_for(dtype))
     inside = ref_e - e
     margin = inside.chunk(2)[0] - inside.chunk(2)[1]
     loss = -torch.nn.functional.logsigmoid(2500 * margin).mean()
@@ -202,6 +209,7 @@ def _dpo_figures(models, lora, x_t, t, noise, z, cond, dtype):
     return e.detach(), margin.detach(), grad
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_perceptual_error_agrees_with_fp32(models, dtype):
     import copy
@@ -221,23 +229,24 @@ def test_half_precision_perceptual_error_agrees_with_fp32(models, dtype):
     assert torch.nn.functional.cosine_similarity(grad, grad32, dim=0) > 0.99
 
 
+@pytest.mark.numerics
 def test_linearised_error_matches_direct_in_fp32_with_grad_and_checkpointing(models):
     """The "jvp" method in fp32 against the exact one, at t = 0 too; checkpointing changes nothing."""
     _, x_t, t, noise, z, cond = _setup(models)
     pred = (noise + 0.5 * torch.randn_like(noise)).requires_grad_()
-    exact = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid")
+    exact = ncp(models, x_t, t, pred, noise, z, cond)
     g_exact, = torch.autograd.grad(exact.sum(), pred)
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
             models.unet.enable_gradient_checkpointing()
-        lin = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, pred, noise, z, cond, "mid", method="jvp")
+        lin = ncp(models, x_t, t, pred, noise, z, cond, method="jvp")
         torch.testing.assert_close(lin, exact, rtol=2e-3, atol=0)
         grads.append(torch.autograd.grad(lin.sum(), pred)[0])
         assert _adapters_on(models.unet)
     torch.testing.assert_close(grads[0], grads[1])
     assert torch.nn.functional.cosine_similarity(grads[0].flatten(), g_exact.flatten(), dim=0) > 0.999
-    zero = encoder.perceptual_error(models.unet, models.scheduler, x_t, t, noise, noise, z, cond, "mid", method="jvp")
+    zero = ncp(models, x_t, t, noise, noise, z, cond, method="jvp")
     assert torch.all(zero == 0)
 
 
@@ -245,15 +254,14 @@ def test_linearised_errors_take_channels_last_latents(models):
     """The VAE can hand back channels-last latents; group_norm's forward-mode rule fails on such input."""
     _, x_t, t, noise, z, cond = _setup(models)
     preds = [noise + 0.3 * torch.randn_like(noise), noise + 0.2 * torch.randn_like(noise)]
-    plain = encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, preds, noise, z, cond, "mid", "jvp")
+    plain = ncp(models, x_t, t, preds[0], noise, z, cond, ref_pred=preds[1], method="jvp")
     last = x_t.to(memory_format=torch.channels_last)
     assert not last.is_contiguous()
-    got = encoder.perceptual_errors(models.unet, models.scheduler, last, t, preds, noise, z, cond, "mid", "jvp")
+    got = ncp(models, last, t, preds[0], noise, z, cond, ref_pred=preds[1], method="jvp")
     for a, b in zip(got, plain):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="must carry no grad"):  # its gradient would be dropped
-        encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, [preds[0], preds[1].requires_grad_()], noise,
-                                  z, cond, "mid", "jvp")
+        ncp(models, x_t, t, preds[0], noise, z, cond, ref_pred=preds[1].requires_grad_(), method="jvp")
 
 
 # -----------------------------------------------------------------------------

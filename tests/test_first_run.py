@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import ncp_dpo
+import run as run_py
 import sample
 from helpers import ROOT, env
 from test_sample_eval import scorer_dir  # noqa: F401 (a fixture)
@@ -78,7 +79,7 @@ def test_help_shows_every_default(capsys):
                   "(default: 2500.0)", "cores per rank less one, at most 4", "(default: sd15 mid, sdxl down, sd3 third)",
                   "--step-back STEP_BACK", "(default: 1;", "--t5, --no-t5"]:
         assert "".join(shown.split()) in text, shown
-    args = ncp_dpo.fill_defaults(ncp_dpo.parse_args(["--model", "sd15"]), "sd15")
+    args = run_py.fill_defaults(ncp_dpo.parse_args(["--model", "sd15"]), run_py.PAPER_PRESETS, "sd15", "dpo")
     assert args.filter == "absolute-winners" and args.output_dir == os.path.join("runs", "dpo-ncp-sd15-absolute-winners")
 
 

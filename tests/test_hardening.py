@@ -20,7 +20,7 @@ from helpers import FAST, ROOT, env
 INJECT = """
 import json, multiprocessing, os, sys, time
 sys.path.insert(0, {root!r})
-import data
+import run
 script = __import__({module!r})
 real, calls = getattr(script, {function!r}), []
 
@@ -36,7 +36,7 @@ def injected(*args, **kwargs):
     return real(*args, **kwargs)
 
 setattr(script, {function!r}, injected)
-data.run_main(script.main, script.parse_args())
+run.run_main(script.main, script.parse_args())
 """
 
 

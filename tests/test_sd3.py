@@ -163,8 +163,8 @@ def _figures(models, lora_params, x_t, t, target, cond, dtype, method):
         pred = models.unet(x_t, timestep=t, **cond).sample
         with torch.no_grad(), encoder.base_weights(models.unet):
             ref_pred = models.unet(x_t, timestep=t, **cond).sample
-        e, ref_e = encoder.perceptual_errors(models.unet, models.scheduler, x_t, t, [pred, ref_pred], target, None,
-                                             cond, "third", method)
+        e, ref_e = encoder.perceptual_errors(models.unet, models.scheduler, x_t=x_t, t=t, pred=pred, ref_pred=ref_pred,
+                                             target=target, z=None, cond=cond, depth="third", method=method)
     inside = ref_e - e
     margin = inside.chunk(2)[0] - inside.chunk(2)[1]
     loss = -torch.nn.functional.logsigmoid(2500 * margin).mean()
@@ -197,13 +197,15 @@ def test_the_bf16_jvp_carries_the_step_the_direct_path_loses(sd3):
     assert ((e_direct - e32).abs() / e32).median() > 1.0, (e_direct, e32)  # the reason for the JVP
 
 
+@pytest.mark.numerics
 def test_the_fp32_jvp_equals_the_direct_path_with_its_gradient(sd3):
     x_t, t, target, _, cond = _inputs(sd3, n=2, seed=9)
     g = torch.Generator().manual_seed(2)
     pred = (target + 0.3 * torch.randn(target.shape, generator=g)).requires_grad_()
     out = {}
     for method in encoder.METHODS:
-        e = encoder.perceptual_error(sd3.unet, sd3.scheduler, x_t, t, pred, target, None, cond, "third", method=method)
+        e = encoder.perceptual_errors(sd3.unet, sd3.scheduler, x_t=x_t, t=t, pred=pred, target=target, z=None,
+                                      cond=cond, depth="third", method=method)
         out[method] = (e.detach(), torch.autograd.grad(e.sum(), pred)[0])
     torch.testing.assert_close(out["jvp"][0], out["direct"][0], rtol=2e-3, atol=0)
     torch.testing.assert_close(out["jvp"][1], out["direct"][1], rtol=2e-2, atol=1e-9)
