@@ -496,6 +496,9 @@ def load_image(data):
     return image.convert("RGB"), True
 
 
+MAX_ASPECT = 16  # the longest side of a training image, over its shortest; Pick-a-Pic's are within 2:1
+
+
 def resize_crop(image, resolution, u, v, flip):
     """Resize the shorter side to `resolution`, crop at relative offset (u, v), maybe flip.
 
@@ -505,6 +508,8 @@ def resize_crop(image, resolution, u, v, flip):
     w, h = image.size
     scale = resolution / min(w, h)
     rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if max(rw, rh) > MAX_ASPECT * resolution:  # a sliver: resizing it would ask for gigabytes; the item is skipped
+        raise ValueError(f"an image of {w} x {h} pixels is more than {MAX_ASPECT}:1")
     image = image.resize((rw, rh), Image.Resampling.BICUBIC)
     top, left = round(v * (rh - resolution)), round(u * (rw - resolution))
     image = image.crop((left, top, left + resolution, top + resolution))

@@ -306,7 +306,8 @@ def _unet_stages(unet, x, t, cond, depth):
 
 
 def _mmdit_stages(model, x, t, cond, depth):
-    """SD3's E as stages of one state, its first K = blocks_of(depth) joint blocks: the text tokens and the image tokens side by side along the sequence,
+    """SD3's E as stages of one state, its first K = blocks_of(depth) joint blocks: the text tokens and the image
+    tokens side by side along the sequence,
     (B, text + image tokens, width), so that each joint block is a function of one tensor; the last stage keeps the
     image tokens. The same path as SD3Transformer2DModel.forward up to block k."""
     k = blocks_of(model, depth)

@@ -113,7 +113,8 @@ def preset_help(presets, key):
 
 
 def parser(doc):
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def pair_flags(p, presets):
@@ -248,7 +249,8 @@ def check_flags(args, kind):
     """ValueError for a flag out of its range, before any model is loaded."""
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
-    checks = [("lr", args.lr, args.lr > 0, "positive"), ("lora-rank", args.lora_rank, args.lora_rank >= 1, "at least 1"),
+    checks = [("lr", args.lr, args.lr > 0, "positive"),
+              ("lora-rank", args.lora_rank, args.lora_rank >= 1, "at least 1"),
               ("save-every", args.save_every, args.save_every >= 1, "at least 1"),
               ("log-every", args.log_every, args.log_every >= 1, "at least 1"),
               ("validation-every", args.validation_every, args.validation_every >= 1, "at least 1"),
@@ -347,6 +349,38 @@ def check_output(path, flag, folder=True):
         raise ValueError(f"{flag} {path} cannot be made: {parent} is not writable")
 
 
+LOCK_FILE = ".lock"  # held (flock) by the process that writes the folder; the kernel releases it when it dies
+_held = []  # the open lock files of this process: held until it exits
+
+
+def claim_folder(path, flag, made=None):
+    """Make `path` if need be and take its exclusive lock (fcntl.flock on PATH/.lock), before anything is written
+    into it: a second run, or a second --resume of a run still alive, into the same folder is refused in one line
+    that names the holder. The kernel releases the lock when the holder dies, however it dies. A folder this call
+    made is appended to `made`, so that a run that fails removes only what it created itself."""
+    import fcntl
+    import socket
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.mkdir(path)
+        created = True
+    except FileExistsError:
+        created = False
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(f"{flag} {path} is in use by {holder}: wait for it to end, or choose another {flag}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _held.append(fd)
+    if created and made is not None:
+        made.append(path)
+
+
 SAVE_PREFIX = ".save-"  # a save's temporary folder inside the run directory
 
 
@@ -367,17 +401,25 @@ def save_run(out_dir, unet, state=None):
 
 def start_run(out_dir, step):
     """Rank 0, as a run starts in OUT_DIR at `step`: the temporary folders of a save that was killed are removed,
-    and metrics.jsonl loses the lines logged after the checkpoint (a resume logs those steps again)."""
+    and metrics.jsonl loses the lines logged after the checkpoint (a resume logs those steps again), and a last line
+    torn by a kill or a full disk. Returns the number of torn lines dropped (0 or 1)."""
     for name in os.listdir(out_dir):
         if name.startswith(SAVE_PREFIX):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    path = os.path.join(out_dir, "metrics.jsonl")
+    path, torn = os.path.join(out_dir, "metrics.jsonl"), 0
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            lines = [line for line in f if line.strip()]
+        if lines:  # a last line cut short by a kill or a full disk: dropped (its step is logged again)
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines, torn = lines[:-1], 1
+        lines = [line.rstrip("\n") + "\n" for line in lines if json.loads(line).get("step", 0) <= step]
         with open(path + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(path + ".tmp", path)
+    return torn
 
 
 def load_checkpoint(path, script):
@@ -661,11 +703,13 @@ class Run:
         self.args, self.models, self.validation, self.cuda = args, models, validation, cuda
         self.accum = args.global_batch_size // (args.micro_batch_size * self.world_size)
         if not cuda and "OMP_NUM_THREADS" not in os.environ:  # compute threads on the cores the workers leave free:
-            torch.set_num_threads(max(1, cores_per_rank() - args.num_workers))  # on a busy machine, spinning threads crawl
+            torch.set_num_threads(max(1, cores_per_rank() - args.num_workers))  # on a busy machine, spinning ones crawl
         os.makedirs(args.output_dir, exist_ok=True)
-        if self.master:  # a killed save's temporary folder removed; lines logged after the checkpoint dropped
-            start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0)
+        # Rank 0 repairs what a kill left: a save's temporary folder, lines logged after the checkpoint, a torn line.
+        torn = start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0) if self.master else 0
         print0 = self.print0 = logger(os.path.join(args.output_dir, "log.txt") if self.master else None)
+        if torn:
+            print0("metrics.jsonl: its last line was cut short (a kill or a full disk while it was written): dropped")
         print0(f"data: {json.dumps(counts)}")
         if (self.master and not (args.cache_latents or args.image_store)
                 and (group := data.largest_row_group(pairs)) > 2**26):
@@ -721,15 +765,18 @@ class Run:
         """Everything that can fail on a user's input, before anything is written (load_together runs it)."""
         _, kind = sample.resolve_model(args.model)
         args = fill_defaults(args, presets, kind, self.objective)
-        if not os.path.exists(args.output_dir):
-            made.append(args.output_dir)
         check_flags(args, kind)
+        if self.master:  # one run per folder, before anything is written into it
+            claim_folder(args.output_dir, "--output-dir", made)
         ckpt = resume_point(args, self.script, may_change)
         check_batch(args, self.world_size, fit=ckpt is None)
         source = args.data
         if source == "synthetic":
             source = data.write_synthetic(os.path.join(args.output_dir, "synthetic-data"))
         pairs, counts = data.preference_pairs(source, args.split, args.filter)
+        if not counts["pairs"]:
+            raise data.DataError(f"no preference pairs to train on in {args.data}: every pair was dropped or filtered "
+                                 f"out ({', '.join(f'{k} {v}' for k, v in counts.items())})")
         dataset = data.PreferenceDataset(pairs, args.resolution, train=True, seed=args.seed, winners_only=winners_only)
         if self.master:  # one item read now: data none of which decodes (all images null) fails here, in one line
             dataset[0]  # (a parquet row group, up to hundreds of MB: once, not once per rank)
@@ -808,7 +855,8 @@ class Run:
         self.totals["converted_images"] += converted
         elapsed = (time.time() - self.window_start) / self.window_steps
         record = {"step": self.step, **means, "lr": self.lr, "step_time": elapsed,
-                  "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(self.cuda), **self.totals}
+                  "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(self.cuda),
+                  **self.totals}
         if self.master:
             write_record(record, os.path.join(args.output_dir, "metrics.jsonl"), self.report, self.bar, self.print0)
         self.window, self.window_steps, self.window_start = {}, 0, time.time()
@@ -821,7 +869,8 @@ class Run:
 
     def save(self):
         if self.master:
-            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+            rng = {"cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
             state = checkpoint_state(self.script, self.lora, self.optimizer, self.lr_schedule, self.scaler, self.step,
                                      self.totals, self.args, data_position=self.step * self.args.global_batch_size,
                                      rng=rng)

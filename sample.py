@@ -732,6 +732,9 @@ def main(args):
         if args.lora:
             check_lora(args.lora)
         prompts = read_prompts(args.prompts, args.data)
+        made = []  # the folder, if this command makes it: removed again if no model loads
+        if rank == 0:  # one sampler per folder: a second is refused in one line, naming the first
+            run.claim_folder(args.out, "--out", made)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     protocol = {**PROTOCOLS[args.protocol], "name": args.protocol}
@@ -751,6 +754,10 @@ def main(args):
         if args.lora:
             load_lora(models.unet, args.lora)
     except ModelError as e:
+        for path in made:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
         sys.exit(f"error: {e}")
     # A VAE that asks for force_upcast stays in fp32 for training; here the pipeline itself upcasts it to decode, and
     # it wants the VAE in the pipeline's dtype to begin with.

@@ -172,7 +172,8 @@ def parse_args(argv=None):
                    "a hub id fetches the whole split), or synthetic (default: synthetic for the tiny models, else "
                    f"{data.PICKAPIC})")
     p.add_argument("--split", default="train", help="its split (default: %(default)s)")
-    p.add_argument("--resolution", type=int, help="sampling resolution in pixels " + run.preset_help(PRESETS, "resolution"))
+    p.add_argument("--resolution", type=int,
+                   help="sampling resolution in pixels " + run.preset_help(PRESETS, "resolution"))
     # sampling and the preference pairs
     p.add_argument("--prompts-per-iteration", type=int, help="prompts sampled per iteration over all ranks "
                    + run.preset_help(PRESETS, "prompts_per_iteration"))
@@ -208,8 +209,9 @@ def fill_defaults(args, kind):
     return args
 
 
-def check_run(args, kind):
-    """Fail fast, before any model is loaded. Returns the checkpoint to resume from, or None."""
+def check_run(args, kind, made):
+    """Fail fast, before any model is loaded; take the output folder (appended to `made` if this run makes it).
+    Returns the checkpoint to resume from, or None."""
     run.check_flags(args, kind)
     for key, low in (("candidates", 2), ("steps", 2), ("prompts_per_iteration", 1), ("epochs", 1)):
         if getattr(args, key) < low:
@@ -225,6 +227,8 @@ def check_run(args, kind):
     if args.preference_model not in ("tiny", "identity") and not os.path.isfile(args.preference_model):
         raise ValueError(f"--preference-model {args.preference_model}: no such file (download the .bin of "
                          f"{spm.RELEASED}, or pass tiny)")
+    if int(os.environ.get("RANK", "0")) == 0:  # one run per folder, before anything is written into it
+        run.claim_folder(args.output_dir, "--output-dir", made)
     return run.resume_point(args, "spo.py", RESUME_MAY_CHANGE)
 
 
@@ -241,9 +245,7 @@ def load_run(args, world_size, device, made):
         raise ValueError(f"spo.py trains SD1.5 and SDXL only: its candidates are stochastic DDIM steps, and "
                          f"{args.model} is a rectified flow (SD3); train it with ncp_dpo.py, ncp_cpo.py or ncp_sft.py")
     args = fill_defaults(args, kind)
-    if not os.path.exists(args.output_dir):
-        made.append(args.output_dir)
-    ckpt = check_run(args, kind)
+    ckpt = check_run(args, kind, made)
     run.check_batch(args, world_size, fit=ckpt is None)
     source = args.data
     if source == "synthetic":
@@ -470,7 +472,8 @@ def main(args):
     iterations = args.epochs * per_epoch
     os.makedirs(args.output_dir, exist_ok=True)
     if master:  # a killed save's temporary folder removed; lines logged after the checkpoint dropped
-        run.start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0)
+        if run.start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0):
+            print(f"{args.output_dir}/metrics.jsonl: its last line was cut short (a kill or a full disk): dropped")
     print0 = run.logger(os.path.join(args.output_dir, "log.txt") if master else None)
     print0(f"prompts: {len(prompts)}, {per_epoch} iterations of {args.prompts_per_iteration} an epoch, "
            f"{args.epochs} epochs")

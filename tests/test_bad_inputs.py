@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+import data
 import run as run_py
 import sample
 from helpers import ROOT, env, lora, metrics, train
@@ -244,7 +246,24 @@ def test_a_save_killed_between_its_renames_is_made_whole_on_resume(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(lora(run_dir).values(), lora(saved).values()))
     assert not [n for n in os.listdir(run_dir) if n.startswith(run_py.SAVE_PREFIX)]
     assert [r["step"] for r in metrics(run_dir)] == [1]
-    train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "2", "--resume", *steps)
+    with open(run_dir / "metrics.jsonl", "a") as f:  # issue 39, major 6: a kill or full disk during the append
+        f.write('{"step": 2, "loss": 0.69')
+    proc = train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "2", "--resume", *steps)
+    assert "its last line was cut short" in proc.stdout
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     assert all(torch.equal(a, b) for a, b in zip(lora(run_dir).values(), straight.values()))
+
+
+def test_major_8_a_sliver_of_an_image_is_skipped_not_resized_to_gigabytes():
+    """A 1 x 40000 image would be resized to 256 x 10,240,000 pixels at 256 px: refused by a ValueError, which the
+    dataset counts as a skipped image; an ordinary shape keeps its pixels."""
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="more than 16:1"):
+        data.resize_crop(Image.new("RGB", (1, 40000)), 256, 0.5, 0.5, False)
+    image = Image.effect_noise((48, 30), 50).convert("RGB")
+    pixels, size, crop = data.resize_crop(image, 16, 0.25, 0.5, False)
+    expected = image.resize((26, 16), Image.Resampling.BICUBIC).crop((2, 0, 18, 16))
+    assert torch.equal(pixels, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    assert size == (30, 48) and crop == (0, 2)
 

@@ -194,3 +194,48 @@ def test_a_numeric_flag_out_of_range_is_one_line_and_leaves_nothing(tmp_path, sc
     proc = train(script, out, "--model", "tiny", flag, value, check=False)
     _one_line_error(proc, fragment)
     assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# Second round. Major 1 and 2: one run per folder. Major 3: no pair left is one line with the data's counts.
+
+
+def test_major_1_2_a_held_run_folder_refuses_a_second_run_resume_and_sampler_and_is_freed_when_its_holder_dies(
+        tmp_path):
+    """The holder is another process, killed with SIGKILL at the end: the kernel releases its lock."""
+    from helpers import train
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import run; "
+                               f"run.claim_folder({str(out)!r}, '--output-dir'); print('held', flush=True); "
+                               "time.sleep(600)"], env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "theirs.txt").write_text("the live run's file")
+        for script, args in (("ncp_dpo.py", []), ("ncp_sft.py", ["--resume"])):
+            _one_line_error(train(script, out, "--model", "tiny", *args, check=False),
+                            f"--output-dir {out} is in use by process {holder.pid} on ")
+        (tmp_path / "prompts.txt").write_text("a red circle\n")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", "tiny", "--prompts",
+                               str(tmp_path / "prompts.txt"), "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode != 0 and f"--out {out} is in use by process {holder.pid}" in proc.stderr, proc.stderr
+        assert (out / "theirs.txt").read_text() == "the live run's file"  # a refused run removes nothing
+        assert sorted(os.listdir(out)) == [".lock", "theirs.txt"]
+    finally:
+        holder.kill()
+        holder.wait()
+    import run
+
+    run.claim_folder(str(out), "--output-dir")  # free again once its holder is dead
+
+
+def test_major_3_no_pair_left_is_one_line_with_the_counts(tmp_path):
+    import data
+    from helpers import train
+
+    source = data.write_synthetic(str(tmp_path / "ties"), n=8, tie_every=1)  # every pair a tie
+    proc = train("ncp_dpo.py", tmp_path / "run", "--model", "tiny", "--data", source, check=False)
+    _one_line_error(proc, "no preference pairs to train on")
+    assert "ties 8" in proc.stdout and "ZeroDivisionError" not in proc.stdout
+    assert not (tmp_path / "run").exists()
