@@ -350,7 +350,7 @@ def check_output(path, flag, folder=True):
 
 
 LOCK_FILE = ".lock"  # held (flock) by the process that writes the folder; the kernel releases it when it dies
-_held = []  # the open lock files of this process: held until it exits
+_held = {}  # the folders this process holds, and their open lock files: held until it exits
 
 
 def claim_folder(path, flag, made=None):
@@ -367,6 +367,8 @@ def claim_folder(path, flag, made=None):
         created = True
     except FileExistsError:
         created = False
+    if os.path.realpath(path) in _held:  # this process holds it already (a second main() in one process)
+        return
     fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -376,7 +378,7 @@ def claim_folder(path, flag, made=None):
         raise ValueError(f"{flag} {path} is in use by {holder}: wait for it to end, or choose another {flag}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
-    _held.append(fd)
+    _held[os.path.realpath(path)] = fd
     if created and made is not None:
         made.append(path)
 

@@ -671,6 +671,39 @@ def validation_grid(models, prompts, resolution, seed=0, steps=20):
     return make_grid(images)
 
 
+COMMAND_FILE = ".command.json"  # in a sample folder: the settings its images were made with
+
+
+def check_folder(out, command, prompts):
+    """ValueError unless the images already in `out` were made by this same command (model, LoRA and its scale,
+    resolution, protocol, seed, precision, and the same prompts), so that a resumed folder only ever holds what
+    its index.json says. A folder of images that no record vouches for is refused too."""
+    record = os.path.join(out, COMMAND_FILE)
+    if os.path.isfile(record):
+        with open(record) as f:
+            before = json.load(f)
+    elif os.path.isfile(os.path.join(out, "index.json")):  # a folder written before the record existed
+        with open(os.path.join(out, "index.json")) as f:
+            index = json.load(f)
+        before = {key: index.get(key) for key in ("model", "t5", "lora", "lora_scale", "resolution", "protocol")}
+        before.update(seed=command["seed"] if [i["seeds"] for i in index["images"]] == [
+            [image_seed(command["seed"], i, j) for j in range(len(item["seeds"]))]
+            for i, item in enumerate(index["images"])] else "another", precision=command["precision"])
+    elif os.path.isdir(out) and any(re.fullmatch(r"\d{5}_\d+\.png", n) for n in os.listdir(out)):
+        raise ValueError(f"--out {out} holds images with no record of what made them: choose another --out")
+    else:
+        return
+    changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in command.items() if before.get(key) != value]
+    if changed:
+        raise ValueError(f"--out {out} holds images made by another command ({'; '.join(changed)}): choose another "
+                         "--out, or remove that folder")
+    index = os.path.join(out, "index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            if [i["prompt"] for i in json.load(f)["images"]] != prompts:
+                raise ValueError(f"--out {out} holds images of other prompts: choose another --out")
+
+
 def parse_args(argv=None):
     import data
 
@@ -717,6 +750,7 @@ def main(args):
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
+    error, made = None, []  # made: the folder, if this command makes it (removed again if no model loads)
     try:  # every check before a model is loaded or a file written
         _, kind = resolve_model(args.model)
         for flag in ("num_images_per_prompt", "steps", "batch_size", "resolution"):
@@ -732,19 +766,28 @@ def main(args):
         if args.lora:
             check_lora(args.lora)
         prompts = read_prompts(args.prompts, args.data)
-        made = []  # the folder, if this command makes it: removed again if no model loads
+        protocol = {**PROTOCOLS[args.protocol], "name": args.protocol}
+        protocol["guidance_scale"] = protocol["guidance_scale"] or DEFAULTS[kind]["guidance_scale"]
+        for key, value in (("guidance_scale", args.guidance_scale), ("steps", args.steps),
+                           ("images_per_prompt", args.num_images_per_prompt)):
+            if value is not None and value != protocol[key]:
+                protocol[key], protocol["name"] = value, f"{args.protocol}, changed"
+        precision = args.precision or ("fp16" if cuda else "fp32")
+        command = {"model": args.model, "t5": args.t5, "lora": args.lora, "lora_scale": args.lora_scale,
+                   "resolution": args.resolution, "protocol": protocol, "seed": args.seed, "precision": precision}
+        check_folder(args.out, command, prompts)
         if rank == 0:  # one sampler per folder: a second is refused in one line, naming the first
             run.claim_folder(args.out, "--out", made)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    protocol = {**PROTOCOLS[args.protocol], "name": args.protocol}
-    protocol["guidance_scale"] = protocol["guidance_scale"] or DEFAULTS[kind]["guidance_scale"]
-    for key, value in (("guidance_scale", args.guidance_scale), ("steps", args.steps),
-                       ("images_per_prompt", args.num_images_per_prompt)):
-        if value is not None and value != protocol[key]:
-            protocol[key], protocol["name"] = value, f"{args.protocol}, changed"
+        error = f"error: {e}"
+    if world_size > 1:  # every rank stops if one found an error
+        failed = torch.tensor([float(error is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            sys.exit(1)
+    if error:
+        sys.exit(error)
     k = protocol["images_per_prompt"]
-    precision = args.precision or ("fp16" if cuda else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
     from tqdm import tqdm
@@ -765,6 +808,10 @@ def main(args):
         models.vae.to(dtype)
     pipe = sampling_pipeline(models, protocol["scheduler"])
     os.makedirs(args.out, exist_ok=True)
+    if rank == 0:  # what made the images in this folder, before the first of them: a resume is checked against it
+        with open(os.path.join(args.out, COMMAND_FILE + ".tmp"), "w") as f:
+            json.dump(command, f, indent=1)
+        os.replace(os.path.join(args.out, COMMAND_FILE + ".tmp"), os.path.join(args.out, COMMAND_FILE))
     done = lambda i: all(os.path.exists(os.path.join(args.out, image_name(i, j))) for j in range(k))  # noqa: E731
     mine = [i for i in range(rank, len(prompts), world_size) if not done(i)]  # sharded over ranks; resumable
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}

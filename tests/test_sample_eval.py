@@ -57,6 +57,17 @@ def test_paired_deterministic_images_lora_changes_them_and_resume_skips(tmp_path
     assert os.path.getmtime(tmp_path / "a" / names[0]) == mtime  # finished prompts are skipped
     assert torch.equal(pixels(tmp_path / "a", names[3]), pixels(tmp_path / "b", names[3]))
 
+    # A folder never describes images it does not hold: another model, LoRA, scale or seed over it is refused, and
+    # the folder's images and index.json stay as they were (issue 37: the LoRA's name over the base's images).
+    index = (tmp_path / "a" / "index.json").read_text()
+    for extra, change in ((["--lora", lora_dir], "lora None -> "), (["--seed", "3"], "seed 0 -> 3"),
+                          (["--steps", "3"], "'steps': 3")):
+        with pytest.raises(SystemExit) as e:
+            run_sample(tmp_path, tmp_path / "a", "--num-images-per-prompt", "2", *extra)
+        assert "holds images made by another command" in str(e.value.code) and change in str(e.value.code)
+        assert (tmp_path / "a" / "index.json").read_text() == index
+        assert torch.equal(pixels(tmp_path / "a", names[0]), pixels(tmp_path / "b", names[0]))
+
 
 def test_prompt_sources(tmp_path):
     (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nA cat\tAnimals\nA dog\tAnimals\n")
