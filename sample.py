@@ -709,11 +709,11 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description="Generate paired images for a prompt list, with or without a LoRA.")
     p.add_argument("--model", default="sdxl", help="sd15, sdxl, sd35-medium, sd35-large, tiny, tiny-sdxl, tiny-sd3, a "
-                   "diffusers pipeline dir or hub id")
+                   "diffusers pipeline dir or hub id (default: %(default)s)")
     p.add_argument("--t5", action=argparse.BooleanOptionalAction, default=True, help="SD3: with its T5 text encoder "
                    "(--no-t5: zeros in its place, as the LoRA's training run had if it was trained so)")
     p.add_argument("--lora", help="a training output dir holding pytorch_lora_weights.safetensors (none: the base)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (default: %(default)s)")
     p.add_argument("--prompts", required=True, help="a text file, a .tsv with a Prompt column, a .json list, a named "
                    "set fetched once (partiprompts; hps, HPSv2's benchmark, or hps-anime, hps-concept-art, "
                    "hps-paintings, hps-photo), or a split name of --data such as validation_unique")
@@ -731,7 +731,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call; the images do not depend on "
                    "it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base seed; image j of prompt i has a seed derived from it, "
-                   "i and j")
+                   "i and j (default: %(default)s)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default fp16 on GPU, fp32 on CPU")
     return p.parse_args(argv)
 
@@ -750,6 +750,8 @@ def main(args):
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # one share of the cores per process, as the trainers: on a
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))  # busy machine, spinners crawl
     error, made = None, []  # made: the folder, if this command makes it (removed again if no model loads)
     try:  # every check before a model is loaded or a file written
         _, kind = resolve_model(args.model)
@@ -759,6 +761,8 @@ def main(args):
                 raise ValueError(f"--{flag.replace('_', '-')} {value} must be "
                                  + ("a positive multiple of 8 (the VAE's factor)" if flag == "resolution" else
                                     "at least 1"))
+        if not 0 <= args.seed < 2**32:
+            raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
         run.check_output(args.out, "--out")
         if kind == "sd3" and PROTOCOLS[args.protocol]["scheduler"] != "euler":
             raise ValueError(f"--protocol {args.protocol} samples with {PROTOCOLS[args.protocol]['scheduler']}; SD3 "
