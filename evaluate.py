@@ -386,7 +386,8 @@ def by_prompt(values, prompts):
 
 
 def bootstrap(per_prompt, resamples=2000, seed=0):
-    """95% percentile interval of the mean of (P,) per-prompt values, resampling prompts with replacement."""
+    """95% percentile interval of the mean of (P,) per-prompt values, resampling prompts with replacement. For a
+    paired quantity (a difference, a win share) the prompts are resampled once for both folders."""
     g = torch.Generator().manual_seed(seed)
     draws = per_prompt[torch.randint(0, len(per_prompt), (resamples, len(per_prompt)), generator=g)].mean(dim=1)
     return [draws.quantile(0.025).item(), draws.quantile(0.975).item()]
@@ -399,29 +400,55 @@ def winrate(a, b, prompts):
     return {"winrate": share.mean().item(), "ci95": bootstrap(share), "prompts": len(share), "images": len(a)}
 
 
+def difference(a, b, prompts):
+    """A's mean score minus B's, per prompt then over prompts, with a paired bootstrap 95% interval: the prompts
+    are resampled together, so the interval is on the difference, not on either mean."""
+    per_prompt = by_prompt(a.double() - b.double(), prompts)
+    return {"mean": per_prompt.mean().item(), "ci95": bootstrap(per_prompt)}
+
+
 def compare(scores, prompts):
-    """{folder: (N,) scores} -> the mean score of each folder (per prompt, then over prompts) with its interval, and
-    the win rate of every folder over every other."""
+    """{folder: (N,) scores} -> the mean score of each folder (per prompt, then over prompts; its interval is the
+    spread of one folder's mean, not a comparison), and for every ordered pair of folders the win rate and the
+    paired difference of means."""
     means = {}
     for folder, s in scores.items():
         per_prompt = by_prompt(s.double(), prompts)
         means[folder] = {"mean": per_prompt.mean().item(), "ci95": bootstrap(per_prompt)}
     winrates = {a: {b: winrate(scores[a], scores[b], prompts) for b in scores if b != a} for a in scores}
-    return {"means": means, "winrates": winrates}
+    differences = {a: {b: difference(scores[a], scores[b], prompts) for b in scores if b != a} for a in scores}
+    return {"means": means, "winrates": winrates, "differences": differences}
+
+
+NAMES = {"pickscore": "PickScore", "hpsv2": "HPSv2.1", "imagereward": "ImageReward", "aesthetic": "LAION aesthetic",
+         "clip": "CLIP score"}
+
+
+def verdict(report, scorer, a, b, name=lambda f: f):
+    """One sentence: does A beat B on this scorer? 'beats' or 'loses to' only when the paired interval on the
+    difference of means leaves out zero."""
+    w, d = report["scorers"][scorer]["winrates"][a][b], report["scorers"][scorer]["differences"][a][b]
+    verb = "beats" if d["ci95"][0] > 0 else "loses to" if d["ci95"][1] < 0 else "is not told apart from"
+    return (f"{name(a)} {verb} {name(b)} on {NAMES.get(scorer, scorer)}: win rate {100 * w['winrate']:.0f}% "
+            f"[{100 * w['ci95'][0]:.0f}, {100 * w['ci95'][1]:.0f}] over {w['prompts']} prompts, mean "
+            f"{d['mean']:+.3g} [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]")
 
 
 def markdown(report):
-    """The report as Markdown tables: each scorer's mean scores, then its matrix of win rates (row over column)."""
-    folders, lines = report["folders"], []
+    """The report as Markdown: the verdicts (the first folder against each other, per scorer), then per scorer its
+    mean scores and its matrix of win rates (row over column)."""
+    folders = report["folders"]
+    lines = [f"- {verdict(report, name, folders[0], b)}" for name in report["scorers"] for b in folders[1:]] + [""]
     for name, result in report["scorers"].items():
-        lines += [f"**{name}** ({report['prompts']} prompts, {report['images']} images per folder)", "",
-                  "| folder | mean | 95% CI |" + "".join(f" vs {os.path.basename(f.rstrip('/'))} |" for f in folders),
+        lines += [f"**{NAMES.get(name, name)}** ({report['prompts']} prompts, {report['images']} images per folder)",
+                  "", f"| folder | mean | {folders[0]} minus it, paired 95% |"
+                  + "".join(f" vs {os.path.basename(os.path.normpath(f))} |" for f in folders),
                   "| --- | --- | --- |" + " --- |" * len(folders)]
-        for a in folders:
-            m = result["means"][a]
+        for a in sorted(folders, key=lambda f: -result["means"][f]["mean"]):
+            d = result["differences"][folders[0]].get(a)
+            gap = f"{d['mean']:+.3g} [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]" if d else ""
             cells = ["" if a == b else f"{100 * result['winrates'][a][b]['winrate']:.1f}%" for b in folders]
-            lines.append(f"| {a} | {m['mean']:.4g} | {m['ci95'][0]:.4g}-{m['ci95'][1]:.4g} | " + " | ".join(cells)
-                         + " |")
+            lines.append(f"| {a} | {result['means'][a]['mean']:.4g} | {gap} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -437,145 +464,199 @@ def open_image(path):
         raise ValueError(f"{path} is not a readable image ({e}): delete it and run sample.py again") from None
 
 
-def score_folder(scorer, folder, pairs, batch_size):
+def score_folder(scorer, folder, pairs, batch_size, name=""):
+    from tqdm import tqdm
+
     scores = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        images = [open_image(os.path.join(folder, name)) for name, _ in chunk]
-        scores.append(scorer(images, [prompt for _, prompt in chunk]))
+    with tqdm(total=len(pairs), desc=f"{name} {os.path.basename(os.path.normpath(folder))}", unit="image",
+              dynamic_ncols=True) as bar:  # unit image: the rate reads images/s
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            images = [open_image(os.path.join(folder, name)) for name, _ in chunk]
+            scores.append(scorer(images, [prompt for _, prompt in chunk]))
+            bar.update(len(chunk))
     return torch.cat(scores)
 
 
-def html_report(report, scores, pairs, path, top=4, width=256):
-    """One self-contained HTML page (inline SVG and CSS, a few lines of script for zooming; no library):
-    - a summary: each folder's win rate over the first, per scorer, with its 95% interval, as a chart and a table;
-    - the folders (the model and LoRA each was sampled from) and the protocol, as tables;
-    - per scorer, the tables of means and win rates; for each pair of folders a histogram of the per-prompt score
-      differences, and the prompts where they differ most, side by side (images shown `width` px wide, the full
-      image on click). scores: {scorer: {folder: (N,) scores}} in the order of pairs."""
+def html_report(report, scores, pairs, path, gallery=24, screen=1366):
+    """One self-contained HTML page (inline SVG and CSS, a few lines of script for zooming; no library), in the
+    order a reader needs it:
+    - the verdict: one sentence per scorer and folder, the first folder against each other (verdict());
+    - per scorer, the folders ranked by mean score, with the paired difference from the first and its win rate;
+    - a chart of the first folder's win rate over each other, per scorer, with its interval;
+    - one gallery: the `gallery` prompts where the first folder and another differ most on the first scorer, the
+      images of a prompt in one row on a `screen` px wide screen, as embedded thumbnails that link to the full
+      images in their folders; each image titled with its prompt and scores;
+    - the histograms of per-prompt differences, the folders and the protocol.
+    The page's size depends on `gallery`, not on the number of prompts. scores: {scorer: {folder: (N,) scores}} in
+    the order of pairs."""
     import base64
     import html
     import io
 
     folders, scorers = report["folders"], list(report["scorers"])
-    name_of = {f: os.path.basename(f.rstrip("/")) for f in folders}
-    esc, encoded = html.escape, {}
-
-    def image_tag(folder, name, score):
-        if (folder, name) not in encoded:  # each image embedded once, at its full size
-            buffer = io.BytesIO()
-            open_image(os.path.join(folder, name)).save(buffer, format="JPEG", quality=90)
-            encoded[folder, name] = base64.b64encode(buffer.getvalue()).decode()
-        return (f'<figure><img class="zoom" width="{width}" src="data:image/jpeg;base64,{encoded[folder, name]}" '
-                f'alt="{esc(name)}" title="{esc(name)}: click for the full image"><figcaption>{score:.4g}'
-                "</figcaption></figure>")
+    first = folders[0]
+    name_of = {f: os.path.basename(os.path.normpath(f)) for f in folders}
+    esc = html.escape
+    page_dir = os.path.dirname(os.path.abspath(path))
 
     def label(folder):  # the folder's own name, its path on hover
         return f'<span title="{esc(folder)}">{esc(name_of[folder])}</span>'
 
-    def summary_chart(rows, w=560, row_h=26, left=150, right=20):
-        """rows: [(label, winrate, (lo, hi))] -> an SVG: a dot and its interval per row on a 0-100% axis."""
+    def table(header, rows, cls=""):
+        return (f'<table class="{cls}"><tr>' + "".join(f"<th>{c}</th>" for c in header) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+    def text_width(text, size=12):  # room for SVG text, generous for a sans-serif face
+        return 0.62 * size * len(text) + 4
+
+    def chart(rows, w=640, row_h=26, right=24):
+        """rows: [(label, winrate, (lo, hi))] -> an SVG: a dot and its interval per row on a 0-100% axis, the left
+        margin as wide as the longest label."""
+        left = max(text_width(name) for name, _, _ in rows) + 12
+        caption = f"win rate of {name_of[first]}, per prompt, with its 95% interval"
+        w = max(w, left + 240, left + text_width(caption) + right)
         height = row_h * len(rows) + 46
         x = lambda v: left + v * (w - left - right)  # noqa: E731
         parts = [f'<line class="axis" x1="{x(0)}" x2="{x(1)}" y1="{height - 36}" y2="{height - 36}"/>',
                  f'<line class="even" x1="{x(.5)}" x2="{x(.5)}" y1="4" y2="{height - 36}"/>']
         for v in (0, .25, .5, .75, 1):
             parts.append(f'<text x="{x(v)}" y="{height - 22}" text-anchor="middle">{100 * v:.0f}%</text>')
-        parts.append(f'<text x="{x(.5)}" y="{height - 4}" text-anchor="middle">win rate over '
-                     f"{esc(name_of[folders[0]])}, per prompt, with its 95% interval</text>")
+        parts.append(f'<text x="{x(0)}" y="{height - 4}" text-anchor="start">{esc(caption)}</text>')
         for k, (name, rate, (lo, hi)) in enumerate(rows):
             y = 14 + k * row_h
             parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{esc(name)}</text>'
                          f'<line class="ci" x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y}" y2="{y}"/>'
                          f'<circle cx="{x(rate):.1f}" cy="{y}" r="5"><title>{100 * rate:.1f}% '
                          f'({100 * lo:.1f}-{100 * hi:.1f}%)</title></circle>')
-        return f'<svg class="summary" width="{w}" height="{height}" role="img">{"".join(parts)}</svg>'
+        return f'<svg class="summary" width="{w:.0f}" height="{height}" role="img">{"".join(parts)}</svg>'
 
-    def histogram(diffs, a, b, w=420, h=120, bins=20, left=40, bottom=34):
+    def histogram(diffs, a, b, bins=20, h=110, left=44, bottom=34):
+        caption = f"score of {a} minus score of {b}, per prompt"
+        w = max(420, text_width(caption) + left)
         lo, hi = min(diffs.min().item(), 0.0), max(diffs.max().item(), 0.0)
         hi = hi if hi > lo else lo + 1e-12
         counts = torch.histc(diffs.float(), bins=bins, min=lo, max=hi)
-        top_count, bar = max(counts.max().item(), 1), (w - left) / bins
+        top_count, bar = max(counts.max().item(), 1), (w - left - 24) / bins
         rects = "".join(f'<rect x="{left + i * bar:.1f}" y="{h - h * c / top_count:.1f}" width="{bar - 1:.1f}" '
                         f'height="{h * c / top_count:.1f}"><title>{int(c)} prompts</title></rect>'
                         for i, c in enumerate(counts.tolist()))
-        zero = left + (w - left) * (0 - lo) / (hi - lo)
-        return (f'<svg class="hist" width="{w + 10}" height="{h + bottom + 4}">{rects}'
+        end = left + bins * bar
+        zero = left + (end - left) * (0 - lo) / (hi - lo)
+        return (f'<svg class="hist" width="{w:.0f}" height="{h + bottom + 12}"><g transform="translate(0 8)">{rects}'
                 f'<line class="zero" x1="{zero:.1f}" x2="{zero:.1f}" y1="0" y2="{h}"/>'
-                f'<line class="axis" x1="{left}" x2="{w}" y1="{h}" y2="{h}"/>'
+                f'<line class="axis" x1="{left}" x2="{end:.1f}" y1="{h}" y2="{h}"/>'
                 f'<line class="axis" x1="{left}" x2="{left}" y1="0" y2="{h}"/>'
-                f'<text x="{left}" y="{h + 14}" text-anchor="middle">{lo:.3g}</text>'
+                f'<text x="{left}" y="{h + 14}" text-anchor="start">{lo:.3g}</text>'
                 + (f'<text x="{zero:.1f}" y="{h + 14}" text-anchor="middle">0</text>'
-                   if left + 30 < zero < w - 30 else "") +
-                f'<text x="{w}" y="{h + 14}" text-anchor="middle">{hi:.3g}</text>'
-                f'<text x="{(left + w) / 2}" y="{h + 30}" text-anchor="middle">score of {esc(a)} minus score of '
-                f'{esc(b)}, per prompt</text>'
+                   if left + 40 < zero < end - 40 else "") +
+                f'<text x="{end:.1f}" y="{h + 14}" text-anchor="end">{hi:.3g}</text>'
+                f'<text x="{left}" y="{h + 30}" text-anchor="start">{esc(caption)}</text>'
                 f'<text x="{left - 6}" y="10" text-anchor="end">{int(top_count)}</text>'
                 f'<text x="{left - 6}" y="{h}" text-anchor="end">0</text>'
-                f'<text transform="translate(12 {h / 2}) rotate(-90)" text-anchor="middle">prompts</text></svg>')
+                f'<text transform="translate(12 {h / 2}) rotate(-90)" text-anchor="middle">prompts</text></g></svg>')
 
-    def table(header, rows):
-        return ("<table><tr>" + "".join(f"<th>{c}</th>" for c in header) + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    prompts = [p for _, p in pairs]
+    order = list(dict.fromkeys(prompts))
+    by = {p: [i for i, q in enumerate(prompts) if q == p] for p in order}
+    per_row = len(folders) * max(len(v) for v in by.values())
+    # thumbnails: a prompt's images side by side within `screen` px (2 em margins, 4 px around each, 12 px a folder)
+    thumb = int(max(48, min(192, (screen - 64 - 20 - 12 * len(folders)) // per_row - 8)))
 
-    body = [f"<h1>{esc(name_of[folders[0]])} against {', '.join(esc(name_of[f]) for f in folders[1:])}</h1>",
-            f"<p>{report['prompts']} prompts, {report['images']} images a folder; scorers: {', '.join(scorers)}.</p>",
-            "<h2>Summary</h2>"]
-    rows, cells = [], []
-    for b in folders[1:]:
-        for name in scorers:
-            w = report["scorers"][name]["winrates"][b][folders[0]]
-            rows.append((f"{name_of[b]}, {name}" if len(folders) > 2 else name, w["winrate"], w["ci95"]))
-            cells.append([label(b), esc(name), f"{100 * w['winrate']:.1f}%",
-                          f"{100 * w['ci95'][0]:.1f}-{100 * w['ci95'][1]:.1f}%", str(w["prompts"])])
-    body += [summary_chart(rows), table(["folder", "scorer", f"win rate over {esc(name_of[folders[0]])}",
-                                         "95% interval", "prompts"], cells)]
+    def thumbnail(folder, i, prompt):
+        name = pairs[i][0]
+        image = open_image(os.path.join(folder, name))
+        image.thumbnail((thumb, thumb))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=82)
+        data = base64.b64encode(buffer.getvalue()).decode()
+        scored = ", ".join(f"{NAMES.get(n, n)} {scores[n][folder][i].item():.4g}" for n in scorers)
+        link = os.path.relpath(os.path.abspath(os.path.join(folder, name)), page_dir)
+        return (f'<figure><a href="{esc(link)}"><img class="zoom" width="{image.width}" height="{image.height}" '
+                f'src="data:image/jpeg;base64,{data}" alt="{esc(prompt)}" title="{esc(name_of[folder])}: '
+                f'{esc(prompt)} ({esc(scored)}); click for the full image"></a><figcaption>'
+                f"{scores[scorers[0]][folder][i].item():.3g}</figcaption></figure>")
+
+    title = f"{name_of[first]} against {', '.join(name_of[f] for f in folders[1:])}"
+    verdicts = [verdict(report, n, first, b, lambda f: name_of[f]) for n in scorers for b in folders[1:]]
+    body = [f"<h1>{esc(title)}</h1>", '<div id="verdict"><ul>' + "".join(f"<li>{esc(v)}</li>" for v in verdicts)
+            + f"</ul><p class=\"note\">{report['prompts']} prompts, {report['images']} images a folder. Win rate: the "
+            f"share of a prompt's images (image j against image j) where {esc(name_of[first])} scores higher, ties "
+            "half, averaged over prompts. Mean: the difference of the two folders' mean scores. Brackets: 95% "
+            "bootstrap intervals over prompts, paired (both folders' scores of a prompt resampled together). "
+            "'Beats' only where the interval of the mean difference leaves out zero.</p></div>",
+            '<nav><b>Contents</b>: <a href="#ranking">Ranking</a> · <a href="#winrates">Win rates</a> · '
+            '<a href="#gallery">Gallery</a> · <a href="#differences">Per-prompt differences</a> · '
+            '<a href="#folders">Folders and protocol</a></nav>', '<h2 id="ranking">Ranking</h2>']
+    for n in scorers:
+        result = report["scorers"][n]
+        ranked = sorted(folders, key=lambda f: -result["means"][f]["mean"])
+        rows = []
+        for rank, f in enumerate(ranked, 1):
+            if f == first:
+                rows.append([str(rank), f"<b>{label(f)}</b>", f"{result['means'][f]['mean']:.4g}", "", ""])
+                continue
+            d, w = result["differences"][first][f], result["winrates"][first][f]
+            rows.append([str(rank), label(f), f"{result['means'][f]['mean']:.4g}",
+                         f"{d['mean']:+.3g} [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]",
+                         f"{100 * w['winrate']:.1f}% [{100 * w['ci95'][0]:.1f}, {100 * w['ci95'][1]:.1f}]"])
+        body.append(f"<h3>{esc(NAMES.get(n, n))}</h3>" + table(
+            ["rank", "folder", "mean score", f"{esc(name_of[first])} minus it, paired 95% interval",
+             f"win rate of {esc(name_of[first])} over it"], rows, "ranking"))
+    rows = [(f"over {name_of[b]}, {NAMES.get(n, n)}", report["scorers"][n]["winrates"][first][b]["winrate"],
+             report["scorers"][n]["winrates"][first][b]["ci95"]) for n in scorers for b in folders[1:]]
+    body += ['<h2 id="winrates">Win rates</h2>', chart(rows)]
+    gap = torch.stack([by_prompt(scores[scorers[0]][first].double() - scores[scorers[0]][b].double(), prompts)
+                       for b in folders[1:]]).abs().amax(dim=0)
+    shown = [order[k] for k in gap.argsort(descending=True)[:gallery].tolist()]
+    body.append(f'<h2 id="gallery">Gallery</h2><p class="note">The {len(shown)} of {len(order)} prompts where '
+                f"{esc(name_of[first])} and another folder differ most on {esc(NAMES.get(scorers[0], scorers[0]))} "
+                f"(under each image its score; every score in its title; a click shows the full image from its "
+                f"folder).</p>")
+    for prompt in shown:
+        cells = "".join(f'<div class="side"><b>{label(f)}</b><br>'
+                        + "".join(thumbnail(f, i, prompt) for i in by[prompt]) + "</div>" for f in folders)
+        body.append(f'<div class="prompt"><p>{esc(prompt)}</p><div class="row">{cells}</div></div>')
+    body.append('<h2 id="differences">Per-prompt differences</h2>')
+    for n in scorers:
+        for b in folders[1:]:
+            diff = by_prompt(scores[n][first].double() - scores[n][b].double(), prompts)
+            body.append(f"<h3>{esc(NAMES.get(n, n))}: {label(first)} against {label(b)}</h3>"
+                        + histogram(diff, name_of[first], name_of[b]))
     sources = report.get("sources", {})
-    body += ["<h2>Folders</h2>", table(["folder", "model", "LoRA", "LoRA scale"], [
+    body += ['<h2 id="folders">Folders and protocol</h2>', table(["folder", "model", "LoRA", "LoRA scale"], [
         [label(f), esc(str(sources.get(f, {}).get("model") or "")), esc(str(sources.get(f, {}).get("lora") or "none")),
          esc(str(sources.get(f, {}).get("lora_scale", "")) if sources.get(f, {}).get("lora") else "")]
         for f in folders])]
     protocol = report.get("protocol") or {}
-    body += ["<h2>Protocol</h2>", table(["setting", "value"], [[esc(k.replace("_", " ")), esc(str(v))]
-                                                              for k, v in protocol.items()])]
-    prompts = [p for _, p in pairs]
-    order = list(dict.fromkeys(prompts))
-    by = {p: [i for i, q in enumerate(prompts) if q == p] for p in order}
-    for name, result in report["scorers"].items():
-        header = ["folder", "mean", "95% CI", *[f"vs {label(b)}" for b in folders]]
-        body.append(f"<h2>{esc(name)}</h2>" + table(header, [
-            [label(a), f"{result['means'][a]['mean']:.4g}",
-             f"{result['means'][a]['ci95'][0]:.4g} to {result['means'][a]['ci95'][1]:.4g}",
-             *["" if a == b else f"{100 * result['winrates'][a][b]['winrate']:.1f}%" for b in folders]]
-            for a in folders]) + "<p>vs: the row's win rate over the column's, per prompt (ties half).</p>")
-        for ia, a in enumerate(folders):
-            for b in folders[ia + 1:]:
-                diff = scores[name][a].double() - scores[name][b].double()
-                per_prompt = torch.stack([diff[by[p]].mean() for p in order])
-                body.append(f"<h3>{label(a)} against {label(b)}</h3>"
-                            + histogram(per_prompt, name_of[a], name_of[b])
-                            + f"<p>The {min(top, len(order))} prompts where they differ most:</p>")
-                for k in per_prompt.abs().argsort(descending=True)[:top].tolist():
-                    p, idx = order[k], by[order[k]]
-                    sides = "".join(f'<div class="side"><b>{label(f)}</b><br>' + "".join(
-                        image_tag(f, pairs[i][0], scores[name][f][i].item()) for i in idx) + "</div>" for f in (a, b))
-                    body.append(f'<div class="pair"><p>{esc(p)} (difference {per_prompt[k].item():+.4g})</p>'
-                                f"{sides}</div>")
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}figure{display:inline-block;margin:4px}"
-             "img.zoom{cursor:zoom-in;height:auto;image-rendering:auto}.side{display:inline-block;vertical-align:top;"
-             "margin-right:2em}svg text{font-size:12px;fill:#333}.hist rect{fill:#4a7}.zero{stroke:#c33}"
-             ".axis{stroke:#555}.even{stroke:#999;stroke-dasharray:4 3}.summary circle{fill:#2563eb}"
-             ".ci{stroke:#2563eb;stroke-width:3}#full{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);"
-             "cursor:zoom-out;align-items:center;justify-content:center}#full.on{display:flex}"
-             "#full img{max-width:95vw;max-height:95vh}")
+    body.append(table(["setting", "value"], [[esc(k.replace("_", " ")), esc(str(v))] for k, v in protocol.items()]))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1280px;color:#222}h1{font-size:1.5em;margin:.2em 0}"
+             "#verdict li{font-size:1.15em;margin:.3em 0}.note{color:#555;font-size:.9em}nav{margin:1em 0}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+             "figure{display:inline-block;margin:4px;text-align:center}figcaption{font-size:11px;color:#555}"
+             "img.zoom{cursor:zoom-in}.row{display:flex;flex-wrap:nowrap}.side{margin-right:12px;white-space:nowrap}"
+             ".side b{font-size:12px}.prompt p{margin:.6em 0 .1em}"
+             "svg text{font-size:12px;fill:#333}.hist rect{fill:#4a7}.zero{stroke:#c33}.axis{stroke:#555}"
+             ".even{stroke:#999;stroke-dasharray:4 3}.summary circle{fill:#2563eb}.ci{stroke:#2563eb;stroke-width:3}"
+             "#full{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);cursor:zoom-out;"
+             "align-items:center;justify-content:center}#full.on{display:flex}#full img{max-width:95vw;max-height:95vh}")
+    # A click on a thumbnail shows its full image (the link's target) over the page; the checks a browser test reads
+    # are written on <body> once everything has loaded.
     script = ("const full=document.getElementById('full');document.addEventListener('click',e=>{"
-              "if(e.target.classList.contains('zoom')){full.firstChild.src=e.target.src;full.classList.add('on')}"
+              "if(e.target.classList.contains('zoom')){e.preventDefault();full.firstChild.src="
+              "e.target.parentElement.href;full.classList.add('on')}"
               "else if(full.contains(e.target)){full.classList.remove('on')}});"
-              "window.addEventListener('load',()=>{const shown=[...document.querySelectorAll('img.zoom')];"
-              "document.body.dataset.imagesLoaded=shown.filter(i=>i.complete&&i.naturalWidth>0).length;"
-              "document.body.dataset.narrowestImage=Math.min(...shown.map(i=>i.getBoundingClientRect().width))})")
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>evaluation: {esc(name_of[folders[0]])}</title>'
+              "window.addEventListener('load',()=>{const b=document.body.dataset,"
+              "shown=[...document.querySelectorAll('img.zoom')];"
+              "b.imagesLoaded=shown.filter(i=>i.complete&&i.naturalWidth>0).length;"
+              "b.verdictBottom=Math.round(document.getElementById('verdict').getBoundingClientRect().bottom);"
+              "b.pageWidth=document.documentElement.scrollWidth;"
+              "b.widestRow=Math.max(...[...document.querySelectorAll('.row')].map(r=>Math.round("
+              "r.getBoundingClientRect().left+r.scrollWidth)));"
+              "b.clippedLabels=[...document.querySelectorAll('svg text')].filter(t=>{const s=t.ownerSVGElement"
+              ".getBoundingClientRect(),r=t.getBoundingClientRect();return r.left<s.left-.5||r.top<s.top-.5||"
+              "r.right>s.right+.5||r.bottom>s.bottom+.5}).length})")
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{style}</style></head><body>{''.join(body)}<div id=\"full\"><img alt=\"full image\"></div>"
             f"<script>{script}</script></body></html>")
     with open(path + ".tmp", "w") as f:
@@ -612,7 +693,10 @@ def parse_args(argv=None):
                    "protocols (sample.py --protocol)")
     p.add_argument("--out", default="report.json", help="JSON report (written only when everything succeeded)")
     p.add_argument("--markdown", help="also write the tables as Markdown here")
-    p.add_argument("--html", metavar="DIR", help="also write a page to look at, DIR/index.html (self-contained)")
+    p.add_argument("--html", metavar="DIR", help="also write a page to look at, DIR/index.html (self-contained "
+                   "but for the full images, linked from their folders)")
+    p.add_argument("--gallery", type=int, default=24, help="prompts in the page's gallery: those where the first "
+                   "folder and another differ most (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -640,6 +724,8 @@ def main(args):
         same = [f for i, f in enumerate(folders) if os.path.realpath(f) in map(os.path.realpath, folders[:i])]
         if same:
             raise ValueError(f"{same[0]} is given twice: compare different folders")
+        if args.gallery < 0:
+            raise ValueError(f"--gallery {args.gallery} must be 0 or more")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
         for flag, path, folder in (("--out", args.out, False), ("--markdown", args.markdown, False),
@@ -665,17 +751,13 @@ def main(args):
     all_scores = {}
     for name, scorer in scorers.items():
         try:
-            scores = {folder: score_folder(scorer, folder, pairs, args.batch_size) for folder in folders}
+            scores = {folder: score_folder(scorer, folder, pairs, args.batch_size, name) for folder in folders}
         except ValueError as e:
             sys.exit(f"error: {e}")
         all_scores[name] = scores
-        report["scorers"][name] = result = compare(scores, prompts)
-        a = folders[0]
+        report["scorers"][name] = compare(scores, prompts)
         for b in folders[1:]:
-            w = result["winrates"][a][b]
-            print(f"{name}: {a} wins {100 * w['winrate']:.1f}% of {w['prompts']} prompts over {b} "
-                  f"(95% CI {100 * w['ci95'][0]:.1f}-{100 * w['ci95'][1]:.1f}); mean {result['means'][a]['mean']:.4g}"
-                  f" against {result['means'][b]['mean']:.4g}")
+            print(verdict(report, name, folders[0], b))
     table = markdown(report)
     print(table)
     for path, text in ((args.out, json.dumps(report, indent=1)), (args.markdown, table)):
@@ -689,7 +771,7 @@ def main(args):
                     os.remove(path + ".tmp")
     if args.html:
         os.makedirs(args.html, exist_ok=True)
-        html_report(report, all_scores, pairs, os.path.join(args.html, "index.html"))
+        html_report(report, all_scores, pairs, os.path.join(args.html, "index.html"), args.gallery)
         print(f"page: {os.path.join(args.html, 'index.html')}")
 
 

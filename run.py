@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -168,7 +169,8 @@ PAPER_PRESETS = {
 # On --resume the flags not given take the checkpoint's values. These may be given anew and are applied (with the
 # objective's own); any other would change what the checkpoint's LoRA, optimizer state or data position mean.
 MAY_CHANGE = ["max_steps", "micro_batch_size", "lr", "save_every", "log_every", "num_workers", "cache_latents",
-              "image_store", "report_to", "validation_prompts", "validation_every", "dist_timeout"]
+              "image_store", "report_to", "wandb_project", "wandb_entity", "run_name", "validation_prompts",
+              "validation_every", "dist_timeout"]
 
 
 def run_flags(p, presets, objective, may_change, unit="pairs", optimizer="adamw8bit", save_every=250,
@@ -201,6 +203,9 @@ def run_flags(p, presets, objective, may_change, unit="pairs", optimizer="adamw8
                    + ", ".join("--" + k.replace("_", "-") for k in may_change) + " may change")
     p.add_argument("--report-to", choices=["none", *REPORTERS], default="none",
                    help="also send the logged metrics and validation grids there, from rank 0 (default: %(default)s)")
+    p.add_argument("--wandb-project", help="W&B project (default: WANDB_PROJECT, else ncp)")
+    p.add_argument("--wandb-entity", help="W&B entity (default: WANDB_ENTITY, else your default entity)")
+    p.add_argument("--run-name", help="the run's name in W&B (default: WANDB_NAME, else the output folder's name)")
     p.add_argument("--validation-prompts", metavar="FILE", help="rank 0 samples a grid of these prompts, one image "
                    "each with fixed seeds, into OUTPUT_DIR/samples/step_NNNNN.png, at step 0 and every "
                    "--validation-every steps")
@@ -401,6 +406,15 @@ def save_run(out_dir, unet, state=None):
             os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.pt"))
 
 
+def write_config(out_dir, args):
+    """OUTPUT_DIR/config.json: the run's settings, readable without torch (a resume rewrites it with the values it
+    runs with)."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(run_args(args), f, indent=1, sort_keys=True, default=str)
+    os.replace(path + ".tmp", path)
+
+
 def start_run(out_dir, step):
     """Rank 0, as a run starts in OUT_DIR at `step`: the temporary folders of a save that was killed are removed,
     and metrics.jsonl loses the lines logged after the checkpoint (a resume logs those steps again), and a last line
@@ -564,8 +578,18 @@ def logger(path):
     return print0
 
 
+CONSOLE_FIRST = ["step", "loss", "accuracy", "margin", "beta_margin_p50", "saturated", "grad_norm", "lr", "pairs_per_s",
+                 "peak_mem_gib"]
+CONSOLE_HIDDEN = {"e_w", "e_l", "ref_e_w", "ref_e_l", "beta_margin_p10", "beta_margin_p90", "step_time"}
+COUNTERS = {"skipped_pairs", "converted_images", "nonfinite_steps"}  # on the console only when not zero
+
+
 def log_line(record):
-    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+    """The console's view of a metrics.jsonl record: the quantities that matter each window, first in CONSOLE_FIRST's
+    order; the errors and percentiles stay in metrics.jsonl, the counters show only when they are not zero."""
+    keys = [k for k in CONSOLE_FIRST if k in record] + [k for k in record if k not in CONSOLE_FIRST]
+    keys = [k for k in keys if k not in CONSOLE_HIDDEN and not (k in COUNTERS and not record[k])]
+    return " | ".join(f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in keys)
 
 
 def write_record(record, path, report, bar, print0):
@@ -619,7 +643,7 @@ def validate(models, prompts, args, step, report, autocast):
     path = os.path.join(args.output_dir, "samples", f"step_{step:05d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)
-    report.image("validation", grid, step)
+    report.image("validation", grid, step, caption=" | ".join(prompts))  # the grid's images, left to right
     return path, time.time() - start
 
 
@@ -635,18 +659,35 @@ def check_reporter(kind):
 
 
 class Reporter:
-    """The metrics of metrics.jsonl, and the validation grids, sent to TensorBoard or W&B; "none" sends nothing."""
+    """The metrics of metrics.jsonl, and the validation grids, sent to TensorBoard or W&B; "none" sends nothing.
+    The run's settings go to both as its config (TensorBoard's hparams). W&B: the project, entity and name are the
+    flags', else WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, else "ncp", your default entity and the output folder's
+    name; the run's id is kept in OUTPUT_DIR/wandb_id, so a --resume (a requeued job) continues the same W&B run."""
 
-    def __init__(self, kind, output_dir, config):
+    def __init__(self, kind, output_dir, config, project=None, entity=None, name=None):
         self.kind, self.writer = kind, None
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
 
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            shown = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+            for summary in hparams(shown, {}):  # the HPARAMS tab, in the run's own event file
+                self.writer.file_writer.add_summary(summary)
         elif kind == "wandb":
             import wandb
 
-            self.writer = wandb.init(project="ncp", dir=output_dir, config=config, name=os.path.basename(output_dir))
+            id_file = os.path.join(output_dir, "wandb_id")
+            if os.path.exists(id_file):
+                run_id = open(id_file).read().strip()
+            else:
+                run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
+                with open(id_file, "w") as f:
+                    f.write(run_id + "\n")
+            self.writer = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "ncp",
+                                     entity=entity or os.environ.get("WANDB_ENTITY"), dir=output_dir, config=config,
+                                     name=name or os.environ.get("WANDB_NAME") or os.path.basename(
+                                         os.path.normpath(output_dir)), id=run_id, resume="allow")
 
     def scalars(self, record, step):
         values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -656,15 +697,17 @@ class Reporter:
         elif self.kind == "wandb":
             self.writer.log(values, step=step)
 
-    def image(self, name, image, step):
+    def image(self, name, image, step, caption=""):
         if self.kind == "tensorboard":
             import numpy as np
 
             self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+            if caption:
+                self.writer.add_text(f"{name}/prompts", caption, step)
         elif self.kind == "wandb":
             import wandb
 
-            self.writer.log({name: wandb.Image(image)}, step=step)
+            self.writer.log({name: wandb.Image(image, caption=caption or None)}, step=step)
 
     def close(self):
         if self.writer is not None:
@@ -710,6 +753,8 @@ class Run:
         # Rank 0 repairs what a kill left: a save's temporary folder, lines logged after the checkpoint, a torn line.
         torn = start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0) if self.master else 0
         print0 = self.print0 = logger(os.path.join(args.output_dir, "log.txt") if self.master else None)
+        if self.master:
+            write_config(args.output_dir, args)
         if torn:
             print0("metrics.jsonl: its last line was cut short (a kill or a full disk while it was written): dropped")
         print0(f"data: {json.dumps(counts)}")
@@ -722,7 +767,8 @@ class Run:
                f"| {args.max_steps} steps")
         if ckpt is not None and args.changed_on_resume:
             print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
-        self.report = Reporter(args.report_to if self.master else "none", args.output_dir, run_args(args))
+        self.report = Reporter(args.report_to if self.master else "none", args.output_dir, run_args(args),
+                               args.wandb_project, args.wandb_entity, args.run_name)
 
         # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.
         self.unet = models.unet

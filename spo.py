@@ -149,7 +149,7 @@ PRESETS = {
 BETA = {"latent": 10.0, "ncp": 2.0}  # the authors' 10 for latents; ncp: see the module docstring
 # On --resume the flags not given take the checkpoint's values; these may be given anew.
 RESUME_MAY_CHANGE = ["max_steps", "epochs", "micro_batch_size", "lr", "save_every", "log_every", "report_to",
-                     "validation_prompts", "validation_every", "dist_timeout", "beta", "eps"]
+                     "wandb_project", "wandb_entity", "run_name", "validation_prompts", "validation_every", "dist_timeout", "beta", "eps"]
 
 
 def parse_args(argv=None):
@@ -474,6 +474,7 @@ def main(args):
     if master:  # a killed save's temporary folder removed; lines logged after the checkpoint dropped
         if run.start_run(args.output_dir, ckpt["step"] if ckpt is not None else 0):
             print(f"{args.output_dir}/metrics.jsonl: its last line was cut short (a kill or a full disk): dropped")
+        run.write_config(args.output_dir, args)
     print0 = run.logger(os.path.join(args.output_dir, "log.txt") if master else None)
     print0(f"prompts: {len(prompts)}, {per_epoch} iterations of {args.prompts_per_iteration} an epoch, "
            f"{args.epochs} epochs")
@@ -482,7 +483,8 @@ def main(args):
            f"accum {accum} = {args.global_batch_size} transitions/step | {args.precision}")
     if ckpt is not None and args.changed_on_resume:
         print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
-    report = run.Reporter(args.report_to if master else "none", args.output_dir, run.run_args(args))
+    report = run.Reporter(args.report_to if master else "none", args.output_dir, run.run_args(args),
+                          args.wandb_project, args.wandb_entity, args.run_name)
 
     # -------------------------------------------------------------------------
     # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.

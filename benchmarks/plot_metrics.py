@@ -2,9 +2,12 @@
 
     python benchmarks/plot_metrics.py runs/dpo-ncp-tiny runs/dpo-latent-tiny --out curves.png
 
-One panel per metric (loss, implicit accuracy, margin, e_w, e_l, grad norm, lr) against the optimizer step, the
-runs overlaid in colours named in each panel's legend. A metric a run does not log (SFT has no margin) is left
-out of that run's lines. Drawn with PIL, so it needs nothing beyond the training scripts' packages.
+One panel per quantity against the optimizer step, the runs overlaid, one legend for all panels above them:
+the loss, the implicit accuracy, the margin, the errors e_w and e_l (the reference's dashed), the loss's regime
+(beta x margin: its median, with the 10th-90th percentile band; |beta x margin| > 1 is the saturated side) and the
+share of saturated pairs, the gradient norm and the learning rate. A panel whose values are all positive and span
+more than a decade has a log axis: NCP's errors (about 1e-4) and latent errors (about 1) can share one. A quantity
+a run does not log (SFT has no margin) leaves out that run's line; a quantity no run logs leaves out its panel.
 """
 
 import argparse
@@ -12,10 +15,13 @@ import json
 import math
 import os
 
-from PIL import Image, ImageDraw
-
-METRICS = ["loss", "accuracy", "margin", "e_w", "e_l", "grad_norm", "lr"]
-PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+# (title, [(metric, style)]): the reference's errors dashed beside the policy's
+PANELS = [("loss", [("loss", "-")]), ("implicit accuracy", [("accuracy", "-")]), ("margin", [("margin", "-")]),
+          ("errors: e_w solid, e_l dotted\nthe reference's: dashed, dash-dot",
+           [("e_w", "-"), ("e_l", ":"), ("ref_e_w", "--"), ("ref_e_l", "-.")]),
+          ("beta x margin: median, 10th-90th percentile", [("beta_margin_p50", "-")]),
+          ("share of saturated pairs, |beta x margin| > 1", [("saturated", "-")]),
+          ("gradient norm", [("grad_norm", "-")]), ("learning rate", [("lr", "-")])]
 
 
 def read_metrics(run_dir):
@@ -27,50 +33,78 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def draw_panel(draw, box, curves, title):
-    """Line plot of curves {name: [(x, y), ...]} inside box (left, top, right, bottom) of an ImageDraw."""
-    left, top, right, bottom = box
-    m = 45  # room for the axis labels
-    points = [p for c in curves.values() for p in c if math.isfinite(p[1])]
-    draw.text((left + m, top + 2), title, fill="black")
-    if not points:
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if y1 == y0:
-        y0, y1 = y0 - 0.5 * (abs(y0) or 1), y1 + 0.5 * (abs(y1) or 1)
-    px = lambda x: left + m + (right - left - m - 10) * (x - x0) / ((x1 - x0) or 1)  # noqa: E731
-    py = lambda y: bottom - 20 - (bottom - top - 40) * (y - y0) / (y1 - y0)  # noqa: E731
-    draw.line((left + m, bottom - 20, right - 10, bottom - 20), fill="black")
-    draw.line((left + m, top + 20, left + m, bottom - 20), fill="black")
-    digits = 3 + max(0, int(math.log10(max(abs(y0), abs(y1)) / (y1 - y0))))  # enough to tell the labels apart
-    for value in (y0, (y0 + y1) / 2, y1):
-        draw.text((left + 2, py(value) - 6), f"{value:.{digits}g}", fill="black")
-    for value in (x0, x1):
-        draw.text((px(value) - 8, bottom - 16), f"{value:g}", fill="black")
-    for i, (name, curve) in enumerate(curves.items()):
-        line = [(px(x), py(y)) for x, y in curve if math.isfinite(y)]
-        colour = PALETTE[i % len(PALETTE)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        elif line:
-            draw.ellipse((line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2), fill=colour)
-        label = name[:48]
-        draw.text((right - 10 - 6 * len(label), top + 18 + 12 * i), label, fill=colour)  # about 6 px a character
+def spans_decades(values):
+    values = [v for v in values if math.isfinite(v)]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 10
 
 
-def plot(panels, path, columns=4, size=(360, 240)):
-    """Write panels {title: {run name: [(x, y), ...]}} as a grid of line plots to the PNG `path`."""
+def plot(panels, path, columns=3, size=(360, 240), xlabel="optimizer step", bands=None):
+    """Write panels {title: {line name: [(x, y), ...]}} as a grid of line plots to the PNG `path`, each panel
+    `size` pixels; a panel whose values span decades gets a log axis. bands: {title: {line name: [(x, lo, hi)]}}
+    drawn as shaded ranges under their lines. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bands = bands or {}
     rows = math.ceil(len(panels) / columns)
-    w, h = size
-    image = Image.new("RGB", (w * min(columns, len(panels)), h * rows), "white")
-    draw = ImageDraw.Draw(image)
-    for k, (title, curves) in enumerate(panels.items()):
-        left, top = (k % columns) * w, (k // columns) * h
-        draw_panel(draw, (left, top, left + w, top + h), curves, title)
-    image.save(path)
+    cols = min(columns, len(panels))
+    dpi = 100
+    names = list(dict.fromkeys(name.split(" | ")[0] for curves in panels.values() for name in curves))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols / dpi, size[1] * rows / dpi + 0.35), dpi=dpi,
+                             squeeze=False)
+    for ax, (title, curves) in zip(axes.flat, panels.items()):
+        for name, points in curves.items():
+            run, _, style = name.partition(" | ")
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, ys, style or "-", color=colour[run], linewidth=1.6, marker="o" if len(xs) == 1 else None,
+                    markersize=3)
+            band = bands.get(title, {}).get(name)
+            if band:
+                ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=colour[run],
+                                alpha=0.15, linewidth=0)
+        values = [p[1] for points in curves.values() for p in points]
+        if title in bands:  # beta x margin, signed: linear inside |x| < 1, log outside where it reaches beyond 10
+            spread = [v for band in bands[title].values() for b in band for v in b[1:]] + values
+            if max(abs(v) for v in spread) > 10:
+                ax.set_yscale("symlog", linthresh=1)
+            if max(abs(v) for v in spread) > 1:
+                for edge in (-1, 1):
+                    ax.axhline(edge, color="grey", linestyle=":", linewidth=1)
+        elif spans_decades(values):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.remove()  # no empty panel
+    handles = [matplotlib.lines.Line2D([], [], color=colour[n], linewidth=2) for n in names]
+    fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
     return path
+
+
+def panels_of(records):
+    """{run: [records]} -> (panels, bands) for plot()."""
+    panels, bands = {}, {}
+    for title, metrics in PANELS:
+        curves = {}
+        for run, rows in records.items():
+            for metric, style in metrics:
+                points = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
+                if points:
+                    curves[f"{run} | {style}" if len(metrics) > 1 or style != "-" else run] = points
+                if metric == "beta_margin_p50" and points:
+                    bands.setdefault(title, {})[run] = [(r["step"], r["beta_margin_p10"], r["beta_margin_p90"])
+                                                        for r in rows if r.get("beta_margin_p10") is not None]
+        if curves:
+            panels[title] = curves
+    return panels, bands
 
 
 def main(argv=None):
@@ -82,10 +116,8 @@ def main(argv=None):
         records = {os.path.basename(os.path.normpath(r)): read_metrics(r) for r in args.runs}
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    panels = {metric: {name: [(r["step"], r[metric]) for r in rows if metric in r] for name, rows in records.items()}
-              for metric in METRICS}
-    panels = {metric: curves for metric, curves in panels.items() if any(curves.values())}
-    print(plot(panels, args.out))
+    panels, bands = panels_of(records)
+    print(plot(panels, args.out, bands=bands))
 
 
 if __name__ == "__main__":

@@ -223,6 +223,14 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
     return torch.stack(wins).mean().item(), torch.stack(drift).mean().item()
 
 
+def save_grid(images, path, per_row):
+    """Samples in [-1, 1] (N, 3, H, W) as one PNG, `per_row` to a row (one row per prompt), drawn at twice the size."""
+    rows = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+    n, h, w, _ = rows.shape
+    grid = rows.reshape(n // per_row, per_row, h, w, 3).permute(0, 2, 1, 3, 4).reshape(n // per_row * h, per_row * w, 3)
+    Image.fromarray(grid.numpy()).resize((per_row * w * 2, n // per_row * h * 2), Image.NEAREST).save(path)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -293,8 +301,7 @@ def main():
     write_pairs(folder, "validation", 128, args.seed + 2)
 
     radius0, right0, images = sample_radius(base, None, args.samples_per_color, args.seed)
-    Image.fromarray(((images[:16].permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).byte().reshape(-1, 32, 3).numpy()).save(
-        os.path.join(args.out, "base_samples.png"))
+    save_grid(images, os.path.join(args.out, "base_samples.png"), args.samples_per_color)
     log(f"base model: mean radius {radius0:.2f} px (data {pre['data_radius']:.2f}), right colour {right0:.2f}")
     steps = [int(s) for s in args.checkpoints.split(",")]
     path = os.path.join(args.out, "results.json")
@@ -319,7 +326,9 @@ def main():
                 cmd += ["--step-back", str(args.step_back)] if args.step_back != 1 else []
                 cmd += ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
                 subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                radius, right, _ = sample_radius(base, out, args.samples_per_color, args.seed)
+                radius, right, images = sample_radius(base, out, args.samples_per_color, args.seed)
+                if k == steps[-1]:  # the trained model's samples, one row per prompt
+                    save_grid(images, os.path.join(out, "samples.png"), args.samples_per_color)
                 acc, drift = heldout_accuracy(base, out, folder, space, encoder.DEPTHS[kind], args.seed,
                                               step_back=args.step_back)
                 with open(os.path.join(out, "metrics.jsonl")) as f:

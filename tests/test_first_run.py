@@ -1,6 +1,8 @@
 """What a new user sees: the README's first commands as written, their messages, and no noise from the libraries."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,7 +60,8 @@ def test_every_entry_point_is_quiet(tmp_path, scorer_dir):  # noqa: F811
     }
     for script, out in outputs.items():
         assert not [n for n in NOISE if n in out], f"{script}: {out[-3000:]}"
-    assert "wins" in outputs["evaluate.py"] and "done: step 1" in outputs["spo.py"]
+    assert re.search(r"^a (beats|loses to|is not told apart from) b on PickScore: win rate \d+% \[\d+, \d+\] over 1 "
+                     r"prompts, mean [+-]", outputs["evaluate.py"], re.M) and "done: step 1" in outputs["spo.py"]
     assert outputs["spm.py"].strip().endswith("a/00000_0.png")
 
 
@@ -114,16 +117,16 @@ def test_validation_grids_change_nothing_in_the_run(tmp_path):
     assert (first != last).any()  # the LoRA changed the samples
 
 
-def reporter_run(tmp_path, kind):
-    """A tiny 2-step run sending its metrics and validation images (steps 0 and 2) to `kind`, offline."""
+def reporter_run(tmp_path, kind, max_steps=2, extra=(), environ=None):
+    """A tiny run sending its metrics and validation images (steps 0, 2, ...) to `kind`, offline."""
     from helpers import FAST
 
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     cmd = [sys.executable, os.path.join(ROOT, "ncp_dpo.py"), "--output-dir", str(tmp_path / "out"), *FAST, "--model",
-           "tiny", "--max-steps", "2", "--report-to", kind, "--validation-prompts", str(tmp_path / "prompts.txt"),
-           "--validation-every", "2"]
+           "tiny", "--max-steps", str(max_steps), "--report-to", kind, "--validation-prompts",
+           str(tmp_path / "prompts.txt"), "--validation-every", "2", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                          env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+                          env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(environ or {})})
     assert proc.returncode == 0, proc.stdout[-3000:]
     return tmp_path / "out"
 
@@ -156,6 +159,13 @@ def test_tensorboard_event_file_holds_the_metrics_and_the_validation_grids(tmp_p
     grids = events.Images("validation")
     assert [g.step for g in grids] == [0, 2]
     assert Image.open(io.BytesIO(grids[-1].encoded_image_string)).size == (32, 32)  # one 32 px image
+    assert "validation/prompts/text_summary" in events.Tags()["tensors"]  # the grid's caption: its prompts
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]  # the HPARAMS tab
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert start["model"].string_value == "tiny" and start["max_steps"].number_value == 2
+    assert json.load(open(out / "config.json"))["beta"] == 2500  # the settings, readable in the run folder
 
 
 def wandb_records(path):
@@ -182,28 +192,42 @@ def wandb_records(path):
     return records
 
 
-def test_wandb_offline_run_holds_the_args_and_the_metrics(tmp_path):
-    """WANDB_MODE=offline: no account, no network. The run file's config and history, read back."""
+def test_wandb_offline_run_holds_the_args_and_the_metrics_and_a_resume_continues_it(tmp_path):
+    """WANDB_MODE=offline: no account, no network. The run file's config and history, read back; a --resume (a
+    requeued job) continues the same W&B run, in the project WANDB_PROJECT names, under --run-name."""
     import glob
     import json
 
-    out = reporter_run(tmp_path, "wandb")
+    def read(path):
+        run, config, history = None, {}, {}
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            run = record.run if kind == "run" else run
+            updates = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+            config.update({u.key: json.loads(u.value_json) for u in updates})
+            if kind == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                history.setdefault(row.pop("_step"), {}).update(row)
+        return run, config, history
+
+    out = reporter_run(tmp_path, "wandb", environ={"WANDB_PROJECT": "ncp-tests"})
     (path,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
-    config, history = {}, {}
-    for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        updates = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
-        config.update({u.key: json.loads(u.value_json) for u in updates})
-        if kind == "history":
-            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            history.setdefault(row.pop("_step"), {}).update(row)
+    run, config, history = read(path)
+    assert run.project == "ncp-tests" and run.display_name == "out" and run.run_id == (out / "wandb_id").read_text().strip()
     assert config["model"] == "tiny" and config["max_steps"] == 2
     assert config["beta"] == 2500 and config["space"] == "ncp"
     for step, values in logged(out).items():
         assert {k: history[step][k] for k in values} == values  # exact: JSON round trip
-    for step in (0, 2):  # the grid as wandb keeps an image: its fields under nested keys
+    for step in (0, 2):  # the grid as wandb keeps an image: its fields under nested keys, its prompts as caption
         assert history[step]["validation/_type"] == "image-file" and history[step]["validation/width"] == 32
+        assert history[step]["validation/caption"] == "a red circle"
     assert len(glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "validation_*.png"))) == 2
+    reporter_run(tmp_path, "wandb", 3, ["--resume", "--run-name", "requeued"], {"WANDB_PROJECT": "ncp-tests"})
+    (again,) = set(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))) - {path}
+    resumed, _, history = read(again)
+    assert resumed.run_id == run.run_id and resumed.project == "ncp-tests"  # one W&B run, synced or not
+    assert resumed.display_name == "requeued" and min(history) == 3 and history[3]["loss"] == logged(out)[3]["loss"]
+    assert json.load(open(out / "config.json"))["max_steps"] == 3  # rewritten with what the resume runs
 
 
 def test_a_missing_reporter_package_fails_at_start_with_the_pip_command(tmp_path, monkeypatch):
@@ -219,21 +243,29 @@ def test_a_missing_reporter_package_fails_at_start_with_the_pip_command(tmp_path
 
 
 def test_plot_metrics_overlays_runs(tmp_path):
-    """benchmarks/plot_metrics.py: one panel per logged metric, a line per run; a run without metrics is an error."""
+    """benchmarks/plot_metrics.py: one panel per logged quantity, a line per run, log axes where values span
+    decades (NCP's errors beside latent ones); a run without metrics is an error."""
     import json
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import plot_metrics
 
-    for name, scale in [("a", 1.0), ("b", 2.0)]:
+    for name, scale in [("a", 1.0), ("b", 1e-4)]:  # a latent run's errors (about 1) and an NCP run's (about 1e-4)
         (tmp_path / name).mkdir()
-        rows = [{"step": s, "loss": 0.69 - 0.01 * s * scale, "accuracy": 0.5, "lr": 1e-3} for s in range(1, 6)]
+        rows = [{"step": s, "loss": 0.69 - 0.01 * s, "accuracy": 0.5, "e_w": scale, "e_l": 1.1 * scale, "lr": 1e-3}
+                for s in range(1, 6)]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    panels, _ = plot_metrics.panels_of({n: plot_metrics.read_metrics(tmp_path / n) for n in "ab"})
+    assert list(panels) == ["loss", "implicit accuracy", "errors: e_w solid, e_l dotted\nthe reference's: dashed, "
+                            "dash-dot", "learning rate"]  # what the runs logged, nothing else
+    errors = [y for points in panels[list(panels)[2]].values() for _, y in points]
+    assert plot_metrics.spans_decades(errors) and not plot_metrics.spans_decades([0.69, 0.64])
     out = tmp_path / "curves.png"
     plot_metrics.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
-    image = np.asarray(Image.open(out).convert("RGB"))
-    assert image.shape == (240, 3 * 360, 3)  # loss, accuracy, lr: the metrics the runs logged
-    red, blue = (np.all(image == colour, axis=-1).sum() for colour in ([0xd6, 0x27, 0x28], [0x1f, 0x77, 0xb4]))
-    assert red > 50 and blue > 50  # both runs drawn
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert image.shape == (2 * 240 + 35, 3 * 360, 3)  # 4 panels on 3 columns, the legend above them
+    blue, orange = (np.all(np.abs(image - colour) < 30, axis=-1).sum() for colour in ([0x1f, 0x77, 0xb4],
+                                                                                       [0xff, 0x7f, 0x0e]))
+    assert blue > 200 and orange > 200  # both runs drawn
     with pytest.raises(SystemExit, match="has no metrics.jsonl"):
         plot_metrics.main([str(tmp_path), "--out", str(out)])

@@ -328,39 +328,57 @@ def test_torchrun_shards_prompts_and_matches_one_process(tmp_path, prompts):
         assert diff.abs().max() <= 3 and diff.abs().mean() < 0.1
 
 
-def test_html_report_renders_with_its_images_in_a_browser(tmp_path, scorer_dir):
+def test_html_report_gives_the_verdict_first_and_fits_a_laptop_screen_in_a_browser(tmp_path, scorer_dir):
+    import html
     import shutil
     import subprocess
 
     g = torch.Generator().manual_seed(1)
     prompts = ["a cat", "a dog", "a cube"]
-    folders = [tmp_path / name for name in ("ncp", "base", "dpo")]
-    for folder in folders:
-        make_folder(folder, prompts, [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy())
-                                      for _ in range(2 * len(prompts))], per_prompt=2)
+    long = "ncp-dpo-sdxl-absolute-winners-beta5000-lr1e-8-step2000"  # a folder name as runs name them
+    folders = [tmp_path / name for name in (long, "base", "dpo")]
+    for folder in folders:  # 4 images a prompt, larger than a thumbnail
+        make_folder(folder, prompts, [Image.fromarray((torch.rand(200, 200, 3, generator=g) * 255).byte().numpy())
+                                      for _ in range(4 * len(prompts))], per_prompt=4)
     evaluate_main(*folders, scorer=scorer_dir, out=tmp_path / "r.json", extra=["--html", str(tmp_path / "page")])
     page = (tmp_path / "page" / "index.html").read_text()
-    top = 3  # prompts shown per pair of folders (all three here), 2 images a side
-    assert page.count('<img class="zoom"') == 3 * top * 2 * 2 and f'title="{folders[1]}">base<' in page
-    assert page.count('<svg class="hist"') == 3 and page.count("score of ncp minus score of base, per prompt") == 1
-    summary = re.search(r'<svg class="summary".*?</svg>', page).group(0)  # base and dpo over ncp: a dot each
-    assert summary.count("<circle") == 2 and "win rate over ncp" in summary
     report = json.load(open(tmp_path / "r.json"))
-    w = report["scorers"]["pickscore"]["winrates"][str(folders[2])][str(folders[0])]
-    assert f"<td>{100 * w['winrate']:.1f}%</td><td>{100 * w['ci95'][0]:.1f}-{100 * w['ci95'][1]:.1f}%</td>" in page
-    assert "<td>scheduler</td><td>euler</td>" in page and "<td>images per prompt</td><td>1</td>" in page
+    first, base = str(folders[0]), str(folders[1])
+    assert page.index("<h1>") < page.index('<div id="verdict">') < page.index('id="ranking"')
+    name = {str(f): f.name for f in folders}.get
+    for b in folders[1:]:  # the verdict says the first folder against each other, as the title does
+        sentence = evaluate.verdict(report, "pickscore", first, str(b), name)
+        assert html.escape(sentence) in page and sentence.startswith(long + " ")
+    w = report["scorers"]["pickscore"]["winrates"][first][base]
+    d = report["scorers"]["pickscore"]["differences"][first][base]
+    assert d["mean"] == pytest.approx(report["scorers"]["pickscore"]["means"][first]["mean"]
+                                      - report["scorers"]["pickscore"]["means"][base]["mean"], abs=1e-9)
+    summary = re.search(r'<svg class="summary".*?</svg>', page).group(0)  # the first's win rate over the others
+    assert summary.count("<circle") == 2 and f"win rate of {long}" in summary
+    assert f"<title>{100 * w['winrate']:.1f}% ({100 * w['ci95'][0]:.1f}-{100 * w['ci95'][1]:.1f}%)</title>" in summary
+    ranking = re.search(r'<table class="ranking">.*?</table>', page).group(0)
+    means = report["scorers"]["pickscore"]["means"]
+    ranked = sorted(folders, key=lambda f: -means[str(f)]["mean"])
+    assert [ranking.index(f'title="{f}"') for f in ranked] == sorted(ranking.index(f'title="{f}"') for f in ranked)
+    # one gallery (3 prompts x 3 folders x 4 thumbnails), thumbnails linking to the full images in their folders
+    assert page.count('<img class="zoom"') == 36 and page.count('<svg class="hist"') == 2
+    links = re.findall(r'<a href="([^"]+)"><img class="zoom"', page)
+    assert len(links) == 36 and all((tmp_path / "page" / link).resolve().is_file() for link in links)
+    assert 'title="dpo: a cube (PickScore ' in page and "<td>scheduler</td><td>euler</td>" in page
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no Chromium to render the page in (.ci/run installs Debian's chromium)")
-    run = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    run = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--window-size=1366,768"]
     url = (tmp_path / "page" / "index.html").as_uri()
     dom = subprocess.run(run + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-images-loaded="36"' in dom  # every image decoded by the browser
-    assert 'data-narrowest-image="256"' in dom and '<svg class="summary"' in dom  # legible; the chart is there
-    subprocess.run(run + [f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1000,1400", url],
-                   capture_output=True, timeout=120)
+    body = {k: int(v) for k, v in re.findall(r'data-([a-z-]+)="(\d+)"', dom.split("<body", 1)[1].split(">", 1)[0])}
+    assert body["images-loaded"] == 36  # every thumbnail decoded by the browser
+    assert body["verdict-bottom"] <= 768  # the first screen of a 1366 x 768 laptop holds the verdict
+    assert body["widest-row"] <= 1366 and body["page-width"] <= 1366  # a prompt's 12 images in one row, no scrolling
+    assert body["clipped-labels"] == 0  # every chart label inside its chart, the long folder name too
+    subprocess.run(run + [f"--screenshot={tmp_path / 'shot.png'}", url], capture_output=True, timeout=120)
     shot = np.asarray(Image.open(tmp_path / "shot.png").convert("L"))
-    assert shot.shape == (1400, 1000) and shot.std() > 10  # not a blank page
+    assert shot.shape == (768, 1366) and shot.std() > 10  # not a blank page
 
 
 def test_clip_score_and_aesthetic_match_their_formulas(tmp_path, scorer_dir):

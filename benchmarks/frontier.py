@@ -1,0 +1,215 @@
+"""The reward-drift frontier on both toys: at the same distance from the reference, which space buys more preference?
+
+    python benchmarks/frontier.py                 # trains what is missing (about 4 minutes a run on 2 cores)
+    python benchmarks/frontier.py --no-train      # only gathers, plots and draws the sample grids it has
+
+RLHF compares objectives by the reward they reach at a given KL from the reference. Here the reward is the mean disc
+radius of samples (the property the preferences reward), the distance is toy_alignment.py's drift (the mean squared
+difference of the policy's and the reference's predictions on held-out pairs: up to each timestep's weight, the KL
+of the reverse steps), and the cost is the share of samples in the prompt's colour. Every run is toy_alignment.py's
+DPO in bf16, 100 steps, 16 pairs a step, for each space at betas from its linear regime (few pairs with
+|beta x margin| > 1) to saturation (most of them), on the U-Net toy (DDPM) and on the SD3 toy (rectified flow).
+
+The learning rate follows one rule, fixed before any frontier run: the toy's default, 1e-3, for every run of both
+spaces and both toys. It is the rate every earlier toy comparison started from and was tuned for neither space; with
+Adam, it sets how far a step can move whatever beta is, so beta alone decides how many pairs still pull.
+
+Runs of earlier sweeps with identical settings (same base, pairs, seeds, lr, precision, steps, checkpoints) are
+reused from their results files (REUSE) rather than trained again. Writes OUT/results.json (one row per run and
+checkpoint), OUT/frontier.png and OUT/samples-*.png (step 100 of the best point of each space and of the pair of
+points, one per space, whose drifts are closest); a grid whose run was reused is drawn by training that run again
+(deterministic: its radius must match the reused row).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+BASES = {"unet": os.path.join(RESULTS, "toy", "base"), "sd3": os.path.join(RESULTS, "toy_sd3", "base")}
+REUSE = {"unet": [os.path.join(RESULTS, "toy_beta")], "sd3": [os.path.join(RESULTS, "toy_sd3")]}
+BETAS = {("unet", "ncp"): [2500, 25000, 250000, 2.5e6, 2.5e7], ("unet", "latent"): [2.5, 25, 250, 2500],
+         ("sd3", "ncp"): [2500, 25000, 250000, 2.5e6], ("sd3", "latent"): [2.5, 25, 250, 2500]}
+SEEDS = [0, 1]  # trained where missing
+EXTRA_SEEDS = [2]  # taken too where an earlier sweep ran them
+LR = 1e-3
+STEPS = [0, 25, 50, 100]
+SPACE_STYLE = {"ncp": ("tab:blue", "o"), "latent": ("tab:orange", "s")}
+
+
+def key(space, beta, seed):
+    """toy_alignment.py's name of a run."""
+    return f"dpo-{space}-bf16-beta{beta:g}-lr{LR:g}-seed{seed}"
+
+
+def train(arch, work, space, beta, seeds):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "toy_alignment.py"), "--out", work, "--base", BASES[arch],
+           "--runs", f"dpo-{space}", "--precision", "bf16", "--lr", str(LR), "--beta", str(beta),
+           "--checkpoints", ",".join(map(str, STEPS)), "--seeds", ",".join(map(str, seeds))]
+    cmd += ["--arch", "sd3"] if arch == "sd3" else []
+    print(" ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def load_runs(folder):
+    path = os.path.join(folder, "results.json")
+    return json.load(open(path))["runs"] if os.path.exists(path) else {}
+
+
+def gather(work, may_train):
+    """{(arch, space, beta, seed): (rows, source)}, training the runs no results file holds."""
+    found = {}
+    for arch in BASES:
+        for (a, space), betas in BETAS.items():
+            if a != arch:
+                continue
+            for beta in betas:
+                missing = []
+                for seed in sorted(set(SEEDS) | set(EXTRA_SEEDS)):
+                    sources = REUSE[arch] + [os.path.join(work, arch)]
+                    hit = next((f for f in sources if key(space, beta, seed) in load_runs(f)), None)
+                    if hit is None and seed in SEEDS:
+                        missing.append(seed)
+                    elif hit is not None:
+                        found[arch, space, beta, seed] = (load_runs(hit)[key(space, beta, seed)], hit)
+                if missing and may_train:
+                    train(arch, os.path.join(work, arch), space, beta, missing)
+                    for seed in missing:
+                        found[arch, space, beta, seed] = (load_runs(os.path.join(work, arch))[key(space, beta, seed)],
+                                                          os.path.join(work, arch))
+                elif missing:
+                    print(f"not run yet: {arch} {key(space, beta, 0)[:-6]} seeds {missing}")
+    return found
+
+
+def rows_of(found):
+    rows = []
+    for (arch, space, beta, seed), (runs, _) in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
+                                                                                          kv[0][3])):
+        for r in runs:
+            rows.append({"arch": arch, "space": space, "beta": beta, "lr": LR, "seed": seed, "step": r["step"],
+                         "radius": r["radius"], "drift": r.get("drift", 0.0), "colour": r["colour_right"],
+                         "saturated": r.get("saturated"), "heldout_accuracy": r["heldout_accuracy"]})
+    return rows
+
+
+def points(rows, arch, space, step=100):
+    """[(beta, [row of each seed])] at `step`, betas in increasing order."""
+    out = {}
+    for r in rows:
+        if r["arch"] == arch and r["space"] == space and r["step"] == step:
+            out.setdefault(r["beta"], []).append(r)
+    return sorted(out.items())
+
+
+def mean(rs, field):
+    return float(np.mean([r[field] for r in rs]))
+
+
+def chosen(rows, arch):
+    """The points whose samples are drawn: the best (largest mean radius) of each space, and the pair of points,
+    one per space, whose mean drifts are closest on a log scale. {name: (space, beta)}."""
+    ncp, latent = points(rows, arch, "ncp"), points(rows, arch, "latent")
+    best = {f"best-{s}": (s, max(p, key=lambda bp: mean(bp[1], "radius"))[0]) for s, p in (("ncp", ncp),
+                                                                                           ("latent", latent))}
+    pairs = [(abs(math.log(mean(a, "drift") / mean(b, "drift"))), ba, bb) for ba, a in ncp for bb, b in latent]
+    _, ba, bb = min(pairs)
+    return {**best, "matched-ncp": ("ncp", ba), "matched-latent": ("latent", bb)}
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = [a for a in BASES if any(r["arch"] == a for r in rows)]
+    fig, axes = plt.subplots(len(archs), 2, figsize=(12, 4.6 * len(archs)), squeeze=False)
+    for row, arch in zip(axes, archs):
+        base = next(r for r in rows if r["arch"] == arch and r["step"] == 0)
+        for space in ("ncp", "latent"):
+            color, marker = SPACE_STYLE[space]
+            pts = points(rows, arch, space)
+            if not pts:
+                continue
+            for ax, field, offset in ((row[0], "radius", base["radius"]), (row[1], "colour", 0.0)):
+                for _, rs in pts:
+                    ax.scatter([r["drift"] for r in rs], [r[field] - offset for r in rs], color=color, marker=marker,
+                               alpha=0.35, s=22, linewidths=0)
+                xs = [mean(rs, "drift") for _, rs in pts]
+                ys = [mean(rs, field) - offset for _, rs in pts]
+                ax.plot(xs, ys, color=color, marker=marker, label=f"{space} DPO (mean of {len(pts[0][1])} seeds)")
+                for (beta, rs), x, y in zip(pts, xs, ys):
+                    sat = mean(rs, "saturated")
+                    ax.annotate(f"β={beta:g}\n{sat:.0%} sat.", (x, y), textcoords="offset points", xytext=(6, 4),
+                                fontsize=7, color=color)
+        row[1].axhline(base["colour"], color="grey", linestyle=":", linewidth=1, label="base model")
+        row[0].axhline(0, color="grey", linestyle=":", linewidth=1, label="base model")
+        name = {"unet": "U-Net toy (DDPM)", "sd3": "SD3 toy (MMDiT, rectified flow)"}[arch]
+        row[0].set_title(f"{name}: radius gain at step 100")
+        row[1].set_title(f"{name}: share of samples in the prompt's colour")
+        row[0].set_ylabel("mean disc radius - base's (px)")
+        row[1].set_ylabel("right-colour share")
+        for ax in row:
+            ax.set_xscale("log")
+            ax.set_xlabel("drift from the reference, mean ||pred - pred_ref||² (log)")
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Preference bought against distance from the reference (lr 1e-3, bf16, 100 steps; "
+                 "faint points: single seeds)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(RESULTS, "frontier"), help="where results.json, the plot and the "
+                   "sample grids go (default: %(default)s)")
+    p.add_argument("--work", default="runs/frontier", help="where new runs are trained, one folder per toy "
+                   "(default: %(default)s)")
+    p.add_argument("--no-train", action="store_true", help="train nothing: gather, plot and draw what exists")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    found = gather(args.work, not args.no_train)
+    rows = rows_of(found)
+    reused = sorted({f"{os.path.relpath(src, ROOT)}: {key(s, b, seed)}" for (a, s, b, seed), (_, src) in found.items()
+                     if src in REUSE[a]})
+    json.dump(rows, open(os.path.join(args.out, "results.json"), "w"), indent=1)
+    open(os.path.join(args.out, "reused.txt"), "w").write("\n".join(reused) + "\n")
+    plot(rows, os.path.join(args.out, "frontier.png"))
+    for arch in BASES:
+        if not points(rows, arch, "ncp") or not points(rows, arch, "latent"):
+            continue
+        for name, (space, beta) in chosen(rows, arch).items():
+            grid = os.path.join(args.work, arch, key(space, beta, 0), "samples.png")
+            if not os.path.exists(grid):  # a reused run: trained again, apart, for its samples
+                grid = os.path.join(args.work, arch, "again", key(space, beta, 0), "samples.png")
+            if not os.path.exists(grid) and not args.no_train:
+                train(arch, os.path.join(args.work, arch, "again"), space, beta, [0])
+                again = load_runs(os.path.join(args.work, arch, "again"))[key(space, beta, 0)][-1]["radius"]
+                print(f"{arch} {key(space, beta, 0)}: radius {again:.4f} trained again, "
+                      f"{found[arch, space, beta, 0][0][-1]['radius']:.4f} reused")
+            if os.path.exists(grid):
+                shutil.copy(grid, os.path.join(args.out, f"samples-{arch}-{name}-beta{beta:g}.png"))
+        base_grid = os.path.join(args.work, arch, "base_samples.png")
+        if os.path.exists(base_grid):
+            shutil.copy(base_grid, os.path.join(args.out, f"samples-{arch}-base.png"))
+    for arch in BASES:
+        for space in ("ncp", "latent"):
+            for beta, rs in points(rows, arch, space):
+                print(f"{arch:4} {space:6} beta {beta:<9g} radius {mean(rs, 'radius'):6.2f} "
+                      f"({min(r['radius'] for r in rs):.2f}-{max(r['radius'] for r in rs):.2f})  drift "
+                      f"{mean(rs, 'drift'):.3g}  colour {mean(rs, 'colour'):.2f}  saturated {mean(rs, 'saturated'):.0%}"
+                      f"  held-out acc {mean(rs, 'heldout_accuracy'):.2f}  seeds {len(rs)}")
+
+
+if __name__ == "__main__":
+    main()
