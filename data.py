@@ -38,8 +38,10 @@ from PIL import Image
 
 # The default source: a full copy of Pick-a-Pic v2 (the original yuvalkirstain/pickapic_v2 is gone from the hub),
 # the same columns and splits. Not pinned here: the hub takes only full 40-digit commit hashes, and none could be
-# checked for this copy. Pin it yourself with the local directory of a `--revision` download (README).
+# checked for this copy. Pin it yourself: download one commit (`hf download ... --revision COMMIT`; docs/data.md
+# has the download commands) and pass its local directory.
 PICKAPIC = "liuhuohuo2/pick-a-pic-v2"
+SIZES = {PICKAPIC: {"train": "about 335 GB (images inside the parquet shards)"}}  # said before a download starts
 META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid", "are_different", "has_label"]
 REQUIRED = ["caption", "label_0", "image_0_uid", "image_1_uid"]
 OPEN_FILES = 16  # shard files a DataLoader worker keeps open
@@ -98,11 +100,14 @@ def fetch(repo, split):
     from huggingface_hub import snapshot_download
 
     patterns = [f"data/{split}-*.parquet", f"{split}-*.parquet", f"{split}/*.parquet"]
+    size = SIZES.get(repo, {}).get(split)
+    print(f"data: fetching split {split!r} of the hub dataset {repo}" + (f", {size}," if size else "")
+          + " into the hub cache; docs/data.md shows how to download it once to a local directory", flush=True)
     try:
         return snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
     except Exception as e:
         raise DataError(f"could not fetch split {split!r} of the hub dataset {repo} ({type(e).__name__}); "
-                        "download it (see the README's Getting the data) and pass the local directory") from None
+                        "download it (docs/data.md has the commands) and pass the local directory") from None
 
 
 def detect(paths):

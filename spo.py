@@ -191,7 +191,7 @@ def parse_args(argv=None):
     p.add_argument("--space", choices=["latent", "ncp"], default="ncp",
                    help="latent: SPO's loss; ncp: its distances in the U-Net encoder's space (default: %(default)s)")
     p.add_argument("--beta", type=float, help="beta of the loss (default: latent "
-                   f"{BETA['latent']:g}, the authors'; ncp {BETA['ncp']:g}, see the README's SPO section)")
+                   f"{BETA['latent']:g}, the authors'; ncp {BETA['ncp']:g}: docs/spo.md says why)")
     p.add_argument("--eps", type=float, default=0.1, help="the ratio clamp [1 - eps, 1 + eps] (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="passes over the prompts " + run.preset_help(PRESETS, "epochs"))
     run.run_flags(p, PRESETS, OBJECTIVE, RESUME_MAY_CHANGE, unit="transitions", optimizer="adamw", save_every=50,

@@ -111,3 +111,36 @@ def test_the_checks_catch_a_bad_link_and_a_bad_flag(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="no-such-heading"):
         test_every_relative_link_resolves("docs/a.md")
     assert commands("README.md") == [("ncp_dpo.py", ["--model", "--no-such-flag"])]
+
+
+CODE = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+
+
+def pointers(text):
+    """The pointers to the docs in code (messages, --help, comments): ("README", section) for "the README's X
+    section" and "(README, X)", ("docs/x.md", None) for a docs page, and ("README", None) for a bare README."""
+    found = [("README", m.group(1)) for m in re.finditer(r"README's ([A-Z][\w .&-]*?) section", text)]
+    found += [("README", m.group(1)) for m in re.finditer(r"\(README, ([A-Z][\w .&-]*?)\)", text)]
+    found += [(m.group(0), None) for m in re.finditer(r"docs/[\w-]+\.md", text)]
+    bare = re.sub(r"README's [A-Z][\w .&-]*? section|\(README, [A-Z][\w .&-]*?\)|README\.(json|md)", "", text)
+    return found + [("README", None)] * len(re.findall(r"\bREADME\b", bare))
+
+
+def unresolved(text, root):
+    headings = [line.lstrip("#").strip() for line in open(os.path.join(root, "README.md")) if line.startswith("#")]
+    bad = []
+    for target, section in pointers(text):
+        if target.startswith("docs/") and not os.path.isfile(os.path.join(root, target)):
+            bad.append(target)
+        elif target == "README" and (section is None or not any(h.startswith(section) for h in headings)):
+            bad.append(f"README: {section or 'no section named'}")
+    return bad
+
+
+def test_every_pointer_to_the_docs_in_the_code_resolves():
+    """A message or --help that sends the user to a README section or a docs page finds it there."""
+    bad = {os.path.relpath(path, ROOT): unresolved(open(path).read(), ROOT) for path in CODE}
+    assert not {k: v for k, v in bad.items() if v}, bad
+    assert sum(len(pointers(open(path).read())) for path in CODE) > 5  # the scan sees the pointers there are
+    stale = "see the README's Getting the data section; (README); docs/nothing.md; (README, Limits)"
+    assert unresolved(stale, ROOT) == ["README: Getting the data", "docs/nothing.md", "README: no section named"]
