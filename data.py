@@ -669,6 +669,59 @@ def write_key(directory, key):
     os.replace(os.path.join(directory, "key.json.tmp"), os.path.join(directory, "key.json"))
 
 
+@contextlib.contextmanager
+def flocked(path):
+    """An exclusive fcntl.flock on the file `path` (made if need be), waited for, for the length of the block: two
+    processes building one store or cache take turns at the same shard, and the kernel frees it if one dies."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def make_arrays(directory, key, arrays):
+    """Create the arrays [(name, dtype, shape)] and key.json in `directory` once, whoever else tries at the same
+    moment: under a lock, each array written under a temporary name and renamed, key.json last (its presence says
+    the rest is complete). A process that already maps the arrays never sees them truncated."""
+    os.makedirs(directory, exist_ok=True)
+    with flocked(os.path.join(directory, ".create.lock")):
+        if os.path.exists(os.path.join(directory, "key.json")):
+            return
+        for name, dtype, shape in arrays:
+            tmp = os.path.join(directory, f"{name}.{os.getpid()}.tmp.npy")
+            np.lib.format.open_memmap(tmp, "w+", dtype, shape).flush()
+            os.replace(tmp, os.path.join(directory, f"{name}.npy"))
+        write_key(directory, key)
+
+
+def allocate(path, what):
+    """Give the sparse file `path` its disk blocks now (posix_fallocate), so that writing through its memory map
+    cannot fault with SIGBUS on a full disk: a DataError saying how much it needs and how much is free instead."""
+    import shutil
+
+    size = os.path.getsize(path)
+    if not hasattr(os, "posix_fallocate") or size == 0:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (28, 122):  # ENOSPC, EDQUOT; a file system without fallocate: go on as before
+            return
+        need = max(size - os.stat(path).st_blocks * 512, 0)
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        unit = lambda n: next(f"{n / 2**k:.1f} {u}" for k, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))  # noqa: E731
+                              if n >= 2**k or k == 0)
+        raise DataError(f"{what} needs {unit(need)} more disk in {os.path.dirname(path)} and {unit(free)} is free: "
+                        "free some space, or put it elsewhere") from None
+    finally:
+        os.close(fd)
+
+
 class ImageStore:
     """The pairs' image bytes copied once out of the parquet shards, so that an item reads its own bytes only.
 
@@ -694,12 +747,7 @@ class ImageStore:
 
     def create(self):
         """Make the (empty) index if it does not exist yet. Call on one process, before any other opens it."""
-        if os.path.exists(os.path.join(self.dir, "key.json")):
-            return
-        os.makedirs(self.dir, exist_ok=True)
-        np.lib.format.open_memmap(os.path.join(self.dir, "index.npy"), "w+", np.int64, (self.n, 2, 2)).flush()
-        np.lib.format.open_memmap(os.path.join(self.dir, "done.npy"), "w+", np.int8, (self.shards,)).flush()
-        write_key(self.dir, self.key)
+        make_arrays(self.dir, self.key, [("index", np.int64, (self.n, 2, 2)), ("done", np.int8, (self.shards,))])
 
     def __getstate__(self):
         return {**self.__dict__, "_index": None}
@@ -725,21 +773,28 @@ class ImageStore:
         for shard, rows in zip(mine, pairs):
             path = os.path.join(self.dir, f"shard-{shard:05d}.bin")
             offsets = np.zeros((len(rows), 2, 2), np.int64)
-            with open(path + ".tmp", "wb") as f:
-                for j, i in enumerate(rows):  # rows in shard order: the dataset reads each row group once
-                    for side, image in enumerate(dataset._read_images(i)[:self.sides]):
-                        image = image or b""  # a missing image stays empty, and fails to decode when read
-                        offsets[j, side] = (f.tell(), len(image))
-                        f.write(image)
-                    bar.update(1)
-                written += f.tell()
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
-            index[rows] = offsets
-            index.flush()
-            done[shard] = 1  # only after the file and its index rows are on disk
-            done.flush()
+            with flocked(path + ".lock"):  # another build of this store (another run) waits, then finds it done
+                if done[shard]:
+                    bar.update(len(rows))
+                    continue
+                for left in glob.glob(glob.escape(path) + ".*tmp"):  # a killed build's: no one else writes it now
+                    os.remove(left)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as f:
+                    for j, i in enumerate(rows):  # rows in shard order: the dataset reads each row group once
+                        for side, image in enumerate(dataset._read_images(i)[:self.sides]):
+                            image = image or b""  # a missing image stays empty, and fails to decode when read
+                            offsets[j, side] = (f.tell(), len(image))
+                            f.write(image)
+                        bar.update(1)
+                    written += f.tell()
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                index[rows] = offsets
+                index.flush()
+                done[shard] = 1  # only after the file and its index rows are on disk
+                done.flush()
         bar.close()
         return written
 
@@ -778,14 +833,12 @@ class LatentCache:
         self._arrays = None
 
     def create(self):
-        """Make the (sparse) arrays if they do not exist yet. Call on one process, before any other opens them."""
-        if os.path.exists(os.path.join(self.dir, "key.json")):
-            return
-        os.makedirs(self.dir, exist_ok=True)
-        for name, dtype, shape in [("latents", np.float16, (self.n, 2, *self.latent_shape)),
-                                   ("micro", np.int32, (self.n, 2, 4)), ("state", np.int8, (self.n, 2))]:
-            np.lib.format.open_memmap(os.path.join(self.dir, f"{name}.npy"), "w+", dtype, shape).flush()
-        write_key(self.dir, self.key)
+        """Make the arrays if they do not exist yet, and give them their disk blocks. Call on one process, before any
+        other opens them."""
+        make_arrays(self.dir, self.key, [("latents", np.float16, (self.n, 2, *self.latent_shape)),
+                                         ("micro", np.int32, (self.n, 2, 4)), ("state", np.int8, (self.n, 2))])
+        for name in ("latents", "micro", "state"):  # the disk it will take, taken before any write: a full disk
+            allocate(os.path.join(self.dir, f"{name}.npy"), "the latent cache")  # is one line, not a SIGBUS
 
     def arrays(self, mode="r"):
         if self._arrays is None or self._arrays[0] != mode:

@@ -536,7 +536,7 @@ def main(args):
     if master and validation and ckpt is None:
         path, seconds = run.validate(models, validation, args, step, report, autocast)
         print0(f"validation grid {path}: {seconds:.1f} s")
-    bar = tqdm(total=iterations, initial=iteration, disable=not master, desc=OBJECTIVE, unit="iteration",
+    bar = tqdm(total=iterations, initial=iteration, disable=not master, desc=f"{args.space}-spo", unit="iteration",
                dynamic_ncols=True)
     while iteration < iterations and step < max_steps and not stopping:
         # This iteration's prompts: a seeded permutation per epoch, prompts_per_iteration of it, dealt over the ranks.
@@ -550,10 +550,17 @@ def main(args):
         iteration_lora = {n: p.detach().cpu().clone() for n, p in lora.items()}
         start = time.time()
         unet.eval()
+        denoised = [0]
+
+        def stopped():  # once per denoising step: the bar shows the phase, then asks whether to stop
+            denoised[0] += 1
+            bar.set_postfix_str(f"sampling {len(chosen)} prompts: step {denoised[0]}/{args.steps}")
+            return run.stop_signal(stop, ddp, device)
+
+        bar.set_postfix_str(f"sampling {len(chosen)} prompts")
         with autocast:
             found = sample_transitions(models, raw_unet, preference, ddim, [prompts[i] for i in mine],
-                                       [prompt_seed(args.seed, iteration, i) for i in mine], args, empty,
-                                       lambda: run.stop_signal(stop, ddp, device))
+                                       [prompt_seed(args.seed, iteration, i) for i in mine], args, empty, stopped)
         run.set_lora(lora, current)
         if found is None:
             stopping = run.stop_signal(stop, ddp, device)
@@ -610,6 +617,7 @@ def main(args):
                 break
             step, grad_norm, lr = run.optimizer_step(step, lora_params, optimizer, scaler, lr_schedule, totals)
             iteration_step += 1
+            bar.set_postfix_str(f"training on {n} transitions: step {iteration_step}/{steps_here}")
             for k, v in step_metrics.items():
                 window[k] = window.get(k, 0.0) + v
             window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()

@@ -239,3 +239,69 @@ def test_major_3_no_pair_left_is_one_line_with_the_counts(tmp_path):
     _one_line_error(proc, "no preference pairs to train on")
     assert "ties 8" in proc.stdout and "ZeroDivisionError" not in proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+STORE_BUILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import data
+pairs, _ = data.preference_pairs(sys.argv[2], "train")
+store = data.ImageStore(sys.argv[3], pairs)
+store.create()
+store.build(data.PreferenceDataset(pairs, 32, train=False), store.missing())
+"""
+
+
+def test_major_4_two_builds_of_one_image_store_take_turns_and_every_pair_reads_right(tmp_path):
+    """Two processes (two runs) build one --image-store at the same moment: each shard is written once, under its
+    lock, by whichever comes first; the other finds it done. Every pair then reads its own bytes."""
+    import data
+    from test_io import write_shards
+
+    shards = write_shards(tmp_path / "d", n=48, shards=4, row_group_size=4)
+    script = tmp_path / "build.py"
+    script.write_text(STORE_BUILD)
+    procs = [subprocess.Popen([sys.executable, str(script), ROOT, shards, str(tmp_path / "store")], env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    pairs, _ = data.preference_pairs(shards, "train")
+    store, direct = data.ImageStore(str(tmp_path / "store"), pairs), data.PreferenceDataset(pairs, 32, train=False)
+    assert store.missing().tolist() == [] and not [n for n in os.listdir(store.dir) if n.endswith("tmp")]
+    for i in range(len(direct)):
+        assert store.read(i, 2) == [b or b"" for b in direct._read_images(i)]
+
+
+def test_major_5_a_full_disk_for_the_latent_cache_is_one_line_not_a_sigbus(tmp_path, monkeypatch):
+    """The cache's arrays get their disk blocks when they are made, so writing through the memory maps cannot fault
+    later; no room is a DataError with the space needed and free. Where this machine lets a test mount a small
+    tmpfs, on a real full disk; always, with posix_fallocate answering ENOSPC."""
+    import errno
+
+    import data
+    from test_io import write_shards
+
+    pairs, _ = data.preference_pairs(write_shards(tmp_path / "d", n=8, shards=1), "train")
+    cache = data.LatentCache(str(tmp_path / "cache"), pairs, 32, {"vae": "tiny"}, (4, 4, 4))
+    cache.create()  # room enough: the blocks are held, the file no longer sparse
+    latents = os.path.join(cache.dir, "latents.npy")
+    assert os.stat(latents).st_blocks * 512 >= os.path.getsize(latents)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    size = r"[\d.]+ (B|KiB|MiB|GiB)"
+    with pytest.raises(data.DataError, match=f"the latent cache needs {size} more disk in .* and {size} is free"):
+        data.LatentCache(str(tmp_path / "other"), pairs, 32, {"vae": "tiny"}, (4, 4, 4)).create()
+    monkeypatch.undo()
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        return  # no mount here: the ENOSPC path above is the check
+    try:
+        big = data.LatentCache(str(small), pairs, 32, {"vae": "tiny"}, (4, 64, 64))  # 8 x 2 x 32 KiB: 512 KiB
+        with pytest.raises(data.DataError, match="the latent cache needs"):
+            big.create()
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

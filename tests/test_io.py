@@ -83,7 +83,7 @@ def test_image_store_build_is_shared_between_ranks_and_resumes(tmp_path):
     assert todo.tolist() == [0, 1, 2]
     store.build(direct, todo, rank=1, world_size=2)  # rank 1 of 2: shard 1 only
     assert store.missing().tolist() == [0, 2]
-    with open(os.path.join(store.dir, "shard-00000.bin.tmp"), "wb") as f:
+    with open(os.path.join(store.dir, "shard-00000.bin.4242.tmp"), "wb") as f:
         f.write(b"left by a killed build")
     again = data.ImageStore(str(tmp_path / "store"), pairs)
     assert again.dir == store.dir
