@@ -365,6 +365,36 @@ def image_root(path, records, side_paths):
                     f"{sample[:2]}); unpack the dataset's image archives beside the JSON")
 
 
+def inside(root, relative):
+    """ROOT/RELATIVE if it resolves (symlinks and .. followed) to a place under ROOT, else "": an absolute or ../
+    path in a downloaded JSON reads nothing outside the dataset (the pair is skipped and counted as missing)."""
+    if not relative:
+        return ""
+    path = os.path.realpath(os.path.join(root, relative))
+    return path if path.startswith(os.path.realpath(root) + os.sep) else ""
+
+
+MAX_IMAGE_BYTES = 2**28  # 256 MiB: no image file of any dataset here comes near; /dev/zero would read forever
+
+
+def read_file(path):
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES; else OSError or ValueError (the pair is skipped and
+    counted). Opened without blocking, so a FIFO cannot hang the run."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_IMAGE_BYTES} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
 def read_hpd(fmt, path, i):
     """HPDv2 (human_preference decides; equal is a tie) or HPDv3 (path1 always wins). Identities: the image paths,
     which the comparisons of a prompt share."""
@@ -391,7 +421,7 @@ def read_hpd(fmt, path, i):
         rows["label_0"].append(label)
         for side in (0, 1):
             rows[f"id_{side}"].append(pair[side])
-            rows[f"path_{side}"].append(os.path.join(root, pair[side]) if pair[side] else "")
+            rows[f"path_{side}"].append(inside(root, pair[side]))
     n = len(records)
     return comparisons({**{k: pa.array(v) for k, v in rows.items()}, "different": np.ones(n, bool)}, i)
 
@@ -594,11 +624,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             return [os.pread(fd, int(self.places[f"{s}_size"][i]), int(self.places[f"{s}_at"][i]))
                     if self.places[f"{s}_at"][i] >= 0 else b"" for s in sides]
         if self.format in ("hpdv2", "hpdv3"):
-            out = []
-            for s in sides:
-                with open(self.places[f"{s}_path"][i], "rb") as f:
-                    out.append(f.read())
-            return out
+            return [read_file(self.places[f"{s}_path"][i]) for s in sides]
         w = int(self.winner_col[i])
         shard = int(self.shard[i])
         f, starts = self._file(shard)

@@ -51,6 +51,11 @@ def read_index(folder):
     with open(path) as f:
         index = json.load(f)
     files = {name: item["prompt"] for item in index["images"] for name in item["files"]}
+    root = os.path.realpath(folder) + os.sep
+    outside = [n for n in files if not os.path.realpath(os.path.join(folder, n)).startswith(root)]
+    if outside:  # a tampered index: nothing outside the folder is read, scored or embedded in a report
+        raise ValueError(f"{path} names {len(outside)} files outside {folder} (first: {outside[0]}); make it with "
+                         "sample.py")
     missing = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise ValueError(f"{folder} lacks {len(missing)} of its images (first: {missing[0]}); finish sample.py first")

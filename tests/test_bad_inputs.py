@@ -267,3 +267,20 @@ def test_major_8_a_sliver_of_an_image_is_skipped_not_resized_to_gigabytes():
     assert torch.equal(pixels, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1).float() / 127.5 - 1)
     assert size == (30, 48) and crop == (0, 2)
 
+
+
+def test_major_9_a_v_prediction_model_is_refused_in_one_line(tmp_path):
+    """An SD2.x-768-style pipeline (its scheduler says v_prediction) would be trained as if it predicted noise:
+    refused by name before any training, by the loader every script uses."""
+    import json
+
+    path = sample.save_pipeline(sample.build_tiny("sd15"), str(tmp_path / "v"))
+    config = json.load(open(os.path.join(path, "scheduler", "scheduler_config.json")))
+    json.dump({**config, "prediction_type": "v_prediction"}, open(os.path.join(path, "scheduler",
+                                                                               "scheduler_config.json"), "w"))
+    with pytest.raises(sample.ModelError, match="predicts 'v_prediction'.*epsilon"):
+        sample.load_models(path)
+    proc = run("ncp_dpo.py", "--model", path, "--data", "synthetic", "--output-dir", tmp_path / "out")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("error: ") and "v_prediction" in last
+    assert not os.path.exists(tmp_path / "out")

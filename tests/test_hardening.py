@@ -305,3 +305,45 @@ def test_major_5_a_full_disk_for_the_latent_cache_is_one_line_not_a_sigbus(tmp_p
             big.create()
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_major_7_paths_in_a_json_or_an_index_never_reach_outside_their_folder(tmp_path, monkeypatch):
+    """An HPDv3-style train.json naming an absolute path, a ../ path, a symlink out, a FIFO and an oversized file:
+    nothing outside the image root is read, nothing blocks, and each such pair is skipped and counted. evaluate.py
+    refuses an index.json naming a file outside its folder."""
+    import data
+    import evaluate
+    from test_formats import write_hpdv3
+
+    root = tmp_path / "hpd"
+    write_hpdv3(root)
+    records = json.load(open(root / "train.json"))
+    (tmp_path / "secret.jpg").write_bytes((root / records[0]["path1"]).read_bytes())  # a readable image, outside
+    os.symlink("/dev/zero", root / "images" / "zero.jpg")
+    os.mkfifo(root / "images" / "pipe.jpg")
+    (root / "images" / "big.jpg").write_bytes(b"\xff" * 4096)
+    bad = {0: str(tmp_path / "secret.jpg"), 1: "../secret.jpg", 2: "images/zero.jpg", 3: "images/pipe.jpg",
+           6: "images/big.jpg"}  # the records that are pairs (4 compares an image with itself, 5 is a tie)
+    for k, path in bad.items():
+        records[k]["path1"] = path
+    json.dump(records, open(root / "train.json", "w"))
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 2048)
+    pairs, _ = data.preference_pairs(str(root), "train")
+    dataset = data.PreferenceDataset(pairs, 32, train=False)
+    paths = [dataset.places["winner_path"][i] for i in range(len(dataset))]
+    assert not [p for p in paths if p and not p.startswith(os.path.realpath(root) + os.sep)]  # none outside
+    assert paths.count("") == 3 and {str(root / "images" / n) for n in ("pipe.jpg", "big.jpg")} <= set(paths)
+    unreadable = []
+    for i in range(len(dataset)):
+        try:
+            dataset._read_images(i)
+        except (OSError, ValueError) as e:
+            unreadable.append(type(e).__name__)
+    assert sorted(unreadable) == ["FileNotFoundError"] * 3 + ["ValueError"] * 2  # each fails at once, the FIFO too
+    with pytest.raises(data.DataError, match="could not be decoded"):  # every pair here is bad: skipped, then one line
+        dataset[0]  # (a missing image among good ones is skipped and counted: test_missing_hpd_images_...)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "index.json").write_text(json.dumps({"images": [{"prompt": "p", "files": ["../secret.jpg"]}]}))
+    with pytest.raises(ValueError, match="names 1 files outside"):
+        evaluate.read_index(str(folder))
