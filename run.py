@@ -100,6 +100,8 @@ def load_together(load, ddp, local_rank, master):
         if master:
             for path in made:
                 shutil.rmtree(path, ignore_errors=True)
+        if ddp:  # every rank is here: leave no gloo thread alive at exit (it aborts the process, SIGABRT)
+            dist.destroy_process_group()
         sys.exit(error if master or (error and not failed[1]) else 1)  # one message: rank 0's if it has one
     return loaded
 

@@ -269,9 +269,12 @@ def test_major_8_a_sliver_of_an_image_is_skipped_not_resized_to_gigabytes():
 
 
 
-def test_major_9_a_v_prediction_model_is_refused_in_one_line(tmp_path):
+def test_major_9_10_a_v_prediction_model_is_refused_in_one_line_and_every_rank_exits_cleanly(tmp_path):
     """An SD2.x-768-style pipeline (its scheduler says v_prediction) would be trained as if it predicted noise:
-    refused by name before any training, by the loader every script uses."""
+    refused by name before any training, by the loader every script uses. Under torchrun every rank exits 1 after
+    that one line, its process group destroyed (a live gloo thread made a rank abort, SIGABRT)."""
+    from helpers import train
+
     import json
 
     path = sample.save_pipeline(sample.build_tiny("sd15"), str(tmp_path / "v"))
@@ -280,7 +283,7 @@ def test_major_9_a_v_prediction_model_is_refused_in_one_line(tmp_path):
                                                                                "scheduler_config.json"), "w"))
     with pytest.raises(sample.ModelError, match="predicts 'v_prediction'.*epsilon"):
         sample.load_models(path)
-    proc = run("ncp_dpo.py", "--model", path, "--data", "synthetic", "--output-dir", tmp_path / "out")
-    last = proc.stdout.strip().splitlines()[-1]
-    assert proc.returncode != 0 and last.startswith("error: ") and "v_prediction" in last
+    proc = train("ncp_dpo.py", tmp_path / "out", "--model", path, "--data", "synthetic", nproc=2, check=False)
+    assert proc.returncode != 0 and proc.stdout.count("error: ") == 1 and "predicts 'v_prediction'" in proc.stdout
+    assert "terminate called" not in proc.stdout and "SIGABRT" not in proc.stdout and "exitcode  : -" not in proc.stdout
     assert not os.path.exists(tmp_path / "out")
