@@ -22,6 +22,7 @@ points, one per space, whose drifts are closest); a grid whose run was reused is
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -73,7 +74,7 @@ def gather(work, may_train):
             for beta in betas:
                 missing = []
                 for seed in sorted(set(SEEDS) | set(EXTRA_SEEDS)):
-                    sources = REUSE[arch] + [os.path.join(work, arch)]
+                    sources = REUSE[arch] + sorted(glob.glob(os.path.join(work, arch + "*")))  # unet, unet-250, ...
                     hit = next((f for f in sources if key(space, beta, seed) in load_runs(f)), None)
                     if hit is None and seed in SEEDS:
                         missing.append(seed)
@@ -145,7 +146,7 @@ def plot(rows, path):
                                alpha=0.35, s=22, linewidths=0)
                 xs = [mean(rs, "drift") for _, rs in pts]
                 ys = [mean(rs, field) - offset for _, rs in pts]
-                ax.plot(xs, ys, color=color, marker=marker, label=f"{space} DPO (mean of {len(pts[0][1])} seeds)")
+                ax.plot(xs, ys, color=color, marker=marker, label=f"{space} DPO, mean over seeds")
                 for (beta, rs), x, y in zip(pts, xs, ys):
                     sat = mean(rs, "saturated")
                     ax.annotate(f"β={beta:g}\n{sat:.0%} sat.", (x, y), textcoords="offset points", xytext=(6, 4),
@@ -173,8 +174,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(RESULTS, "frontier"), help="where results.json, the plot and the "
                    "sample grids go (default: %(default)s)")
-    p.add_argument("--work", default="runs/frontier", help="where new runs are trained, one folder per toy "
-                   "(default: %(default)s)")
+    p.add_argument("--work", default="runs/frontier", help="where new runs are trained, one folder per toy; "
+                   "runs in WORK/unet-*, WORK/sd3-* (sweeps run beside it) are read too (default: %(default)s)")
     p.add_argument("--no-train", action="store_true", help="train nothing: gather, plot and draw what exists")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -189,7 +190,7 @@ def main():
         if not points(rows, arch, "ncp") or not points(rows, arch, "latent"):
             continue
         for name, (space, beta) in chosen(rows, arch).items():
-            grid = os.path.join(args.work, arch, key(space, beta, 0), "samples.png")
+            grid = next(iter(glob.glob(os.path.join(args.work, arch + "*", key(space, beta, 0), "samples.png"))), "")
             if not os.path.exists(grid):  # a reused run: trained again, apart, for its samples
                 grid = os.path.join(args.work, arch, "again", key(space, beta, 0), "samples.png")
             if not os.path.exists(grid) and not args.no_train:
