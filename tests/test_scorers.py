@@ -315,8 +315,9 @@ def test_all_scorers_self_half_better_wins_per_prompt_and_the_page(tmp_path, sco
         assert w["winrate"] == 1.0 and w["prompts"] == 4 and w["images"] == 8
         assert len(report["scorers"][name]["winrates"]) == 3  # the matrix: every folder against the two others
     page = (tmp_path / "page-imagereward" / "index.html").read_text()
-    assert all(f"<h2>{name}</h2>" in page for name in evaluate.SCORERS)
-    assert page.count("<svg class=\"hist\"") == 3 * 5 and page.count("<svg class=\"summary\"") == 1  # 3 folder pairs
+    assert all(f"<h3>{evaluate.NAMES[name]}</h3>" in page for name in evaluate.SCORERS)  # each ranked
+    assert all(f" on {evaluate.NAMES[name]}: win rate " in page for name in evaluate.SCORERS)  # each in the verdict
+    assert page.count("<svg class=\"hist\"") == 2 * 5 and page.count("<svg class=\"summary\"") == 1  # the first vs 2
     assert re.search(r"<svg class=\"summary\".*?</svg>", page).group(0).count("<circle") == 2 * 5  # 2 folders, 5 scorers
 
 
