@@ -20,6 +20,7 @@ write_synthetic makes a tiny generated Pick-a-Pic set.
 """
 import collections
 import contextlib
+import errno
 import glob
 import hashlib
 import io
@@ -736,7 +737,7 @@ def allocate(path, what):
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
-        if e.errno not in (28, 122):  # ENOSPC, EDQUOT; a file system without fallocate: go on as before
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a file system without fallocate: go on as before
             return
         need = max(size - os.stat(path).st_blocks * 512, 0)
         free = shutil.disk_usage(os.path.dirname(path)).free

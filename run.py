@@ -716,6 +716,12 @@ class Reporter:
             (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
 
 
+def reporter(args, master):
+    """The run's Reporter: rank 0 sends to --report-to, with the run's settings and its W&B names; others nothing."""
+    return Reporter(args.report_to if master else "none", args.output_dir, run_args(args), args.wandb_project,
+                    args.wandb_entity, args.run_name)
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -769,8 +775,7 @@ class Run:
                f"| {args.max_steps} steps")
         if ckpt is not None and args.changed_on_resume:
             print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
-        self.report = Reporter(args.report_to if self.master else "none", args.output_dir, run_args(args),
-                               args.wandb_project, args.wandb_entity, args.run_name)
+        self.report = reporter(args, self.master)
 
         # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.
         self.unet = models.unet

@@ -134,12 +134,12 @@ def load_models(model, dtype=torch.float32, device="cpu", t5=True):
             vae = (AutoencoderKL.from_pretrained(SDXL_VAE, torch_dtype=dtype) if source == SDXL
                    else sub(AutoencoderKL, "vae"))
             unet = sub(UNet2DConditionModel, "unet")
-            own = DDPMScheduler.load_config(source, subfolder="scheduler").get("prediction_type", "epsilon")
+            config = DDPMScheduler.load_config(source, subfolder="scheduler")
+            own = config.get("prediction_type", "epsilon")
             if own != "epsilon":  # the losses and the step back here are written for noise prediction
                 raise ModelError(f"{source} predicts {own!r} (its scheduler config says so); the scripts train "
                                  "noise-prediction (epsilon) U-Nets only, as SD1.5 and SDXL are")
-            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", clip_sample=False,
-                                                      prediction_type="epsilon")
+            scheduler = DDPMScheduler.from_config(config, clip_sample=False)
         except OSError as e:
             raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
         models = Models(model, kind, unet, vae, encoders, tokenizers, scheduler)

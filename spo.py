@@ -483,8 +483,7 @@ def main(args):
            f"accum {accum} = {args.global_batch_size} transitions/step | {args.precision}")
     if ckpt is not None and args.changed_on_resume:
         print0(f"changed on resume: {'; '.join(args.changed_on_resume)}")
-    report = run.Reporter(args.report_to if master else "none", args.output_dir, run.run_args(args),
-                          args.wandb_project, args.wandb_entity, args.run_name)
+    report = run.reporter(args, master)
 
     # -------------------------------------------------------------------------
     # Models: frozen components in half precision, an fp32 LoRA on the U-Net, DDP over the U-Net.

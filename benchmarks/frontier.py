@@ -67,26 +67,24 @@ def load_runs(folder):
 def gather(work, may_train):
     """{(arch, space, beta, seed): (rows, source)}, training the runs no results file holds."""
     found = {}
-    for arch in BASES:
-        for (a, space), betas in BETAS.items():
-            if a != arch:
-                continue
-            for beta in betas:
-                missing = []
-                for seed in sorted(set(SEEDS) | set(EXTRA_SEEDS)):
-                    sources = REUSE[arch] + sorted(glob.glob(os.path.join(work, arch + "*")))  # unet, unet-250, ...
-                    hit = next((f for f in sources if key(space, beta, seed) in load_runs(f)), None)
-                    if hit is None and seed in SEEDS:
-                        missing.append(seed)
-                    elif hit is not None:
-                        found[arch, space, beta, seed] = (load_runs(hit)[key(space, beta, seed)], hit)
-                if missing and may_train:
-                    train(arch, os.path.join(work, arch), space, beta, missing)
-                    for seed in missing:
-                        found[arch, space, beta, seed] = (load_runs(os.path.join(work, arch))[key(space, beta, seed)],
-                                                          os.path.join(work, arch))
-                elif missing:
-                    print(f"not run yet: {arch} {key(space, beta, 0)[:-6]} seeds {missing}")
+    for (arch, space), betas in BETAS.items():
+        sources = REUSE[arch] + sorted(glob.glob(os.path.join(work, arch + "*")))  # unet, unet-250, ...
+        runs = {source: load_runs(source) for source in sources}  # each results file read once
+        for beta in betas:
+            missing = []
+            for seed in sorted(set(SEEDS) | set(EXTRA_SEEDS)):
+                hit = next((f for f in sources if key(space, beta, seed) in runs[f]), None)
+                if hit is not None:
+                    found[arch, space, beta, seed] = (runs[hit][key(space, beta, seed)], hit)
+                elif seed in SEEDS:
+                    missing.append(seed)
+            if missing and may_train:
+                train(arch, os.path.join(work, arch), space, beta, missing)
+                trained = load_runs(os.path.join(work, arch))
+                for seed in missing:
+                    found[arch, space, beta, seed] = (trained[key(space, beta, seed)], os.path.join(work, arch))
+            elif missing:
+                print(f"not run yet: {arch} {key(space, beta, 0)[:-6]} seeds {missing}")
     return found
 
 
