@@ -6,6 +6,8 @@ import sys
 
 from safetensors.torch import load_file
 
+import launch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--data", "synthetic", "--num-workers", "0", "--optimizer", "adamw", "--global-batch-size", "4",
         "--micro-batch-size", "2", "--log-every", "1", "--save-every", "100"]
@@ -22,8 +24,9 @@ def train(script, out, *args, nproc=1, check=True, timeout=600):
     else:
         cmd = [sys.executable]
     cmd += [os.path.join(ROOT, script), "--output-dir", str(out), *FAST, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    proc = (launch.python(cmd, env(), ROOT, timeout) if nproc == 1 else
+            subprocess.run(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=timeout))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+import launch
 from helpers import ROOT, env
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -36,7 +36,7 @@ def test_step_cost_on_the_tiny_model(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--model", "tiny", "--steps", "1",
            "--micro-batch-size", "2", "--num-workers", "0", "--flops", "--out", str(out),
            "--only", "dpo-latent", "dpo-ncp", "dpo-ncp-cached", "--", "--optimizer", "adamw"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+    proc = launch.python(cmd, {**env(), "TMPDIR": str(tmp_path)}, ROOT, 600, merge=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
@@ -86,8 +86,7 @@ def test_loader_speed_measures_bytes_read_per_item(tmp_path):
     out = tmp_path / "loader.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "loader_speed.py"), "--row-group-mb", "0.5", "4",
            "--shard-mb", "12", "--seconds", "1", "--resolution", "64", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
-                          timeout=600)
+    proc = launch.python(cmd, {**env(), "TMPDIR": str(tmp_path)}, ROOT, 600, merge=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     small, large = report["results"]["0.5MB"], report["results"]["4MB"]
@@ -106,7 +105,7 @@ def test_sample_speed_times_each_batch_size(tmp_path):
     out = tmp_path / "speed.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sample_speed.py"), "--model", "tiny", "--batch-sizes",
            "1", "2", "--prompts", "2", "--steps", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    proc = launch.python(cmd, env(), ROOT, 600, merge=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"1", "2"} and all(r["images_per_s"] > 0 and r["seconds"] > 0 for r in results.values())
@@ -116,8 +115,7 @@ def test_spo_cost_splits_an_iteration_on_the_tiny_model(tmp_path):
     out = tmp_path / "spo_cost.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "spo_cost.py"), "--model", "tiny", "--prompts", "2",
            "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
-                          timeout=600)
+    proc = launch.python(cmd, {**env(), "TMPDIR": str(tmp_path)}, ROOT, 600, merge=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.load(open(out))["results"]
     assert set(results) == {"latent", "ncp"}

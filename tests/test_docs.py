@@ -7,11 +7,11 @@ import glob
 import os
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
 
+import launch
 from helpers import ROOT, env
 
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -81,8 +81,7 @@ def commands(page):
 @functools.lru_cache(maxsize=None)
 def help_flags(scripts):
     def one(script):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, env=env(),
-                              capture_output=True, text=True, timeout=300)
+        proc = launch.python([sys.executable, os.path.join(ROOT, script), "--help"], env(), ROOT, 300, merge=False)
         assert proc.returncode == 0, f"{script} --help: {proc.stderr[-2000:]}"
         return script, set(re.findall(r"--[a-z0-9][a-z0-9-]*", proc.stdout))
 
