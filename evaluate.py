@@ -43,14 +43,28 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 SCORERS = ["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"]
 
 
-def read_index(folder):
-    """index.json of a sample.py folder -> ({file: prompt}, protocol). Raises ValueError if missing or incomplete."""
+def read_index(folder, seeds=None):
+    """index.json of a sample.py folder -> ({file: prompt}, protocol); `seeds`, a dict, gets {file: seed}. Raises
+    ValueError if missing, not sample.py's JSON, or incomplete."""
     path = os.path.join(folder, "index.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no index.json: make it with sample.py")
-    with open(path) as f:
-        index = json.load(f)
-    files = {name: item["prompt"] for item in index["images"] for name in item["files"]}
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        files = {}
+        for item in index["images"]:
+            if not (isinstance(item["prompt"], str) and isinstance(item["files"], list)
+                    and all(isinstance(n, str) for n in item["files"])):
+                raise TypeError
+            files.update((name, item["prompt"]) for name in item["files"])
+            if seeds is not None:
+                seeds.update(zip(item["files"], item.get("seeds") or [None] * len(item["files"])))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): make it with sample.py") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path} is not a sample.py index (an object with \"images\": a list of {{\"prompt\": text, "
+                         "\"files\": [names]}}): make it with sample.py") from None
     root = os.path.realpath(folder) + os.sep
     outside = [n for n in files if not os.path.realpath(os.path.join(folder, n)).startswith(root)]
     if outside:  # a tampered index: nothing outside the folder is read, scored or embedded in a report
@@ -72,15 +86,20 @@ def sampled_from(folder):
 def pair_up(folders, allow_protocols=False):
     """[(file, prompt)] of the images every folder holds for the same prompts; ValueError if the folders do not pair
     up, or were sampled under different protocols (unless allow_protocols)."""
-    indexes = [read_index(folder) for folder in folders]
+    seeds = [{} for _ in folders]
+    indexes = [read_index(folder, s) for folder, s in zip(folders, seeds)]
     (first, protocol), name = indexes[0], folders[0]
-    for folder, (files, other) in zip(folders[1:], indexes[1:]):
+    for folder, (files, other), own in zip(folders[1:], indexes[1:], seeds[1:]):
         if other != protocol and not allow_protocols:
             raise ValueError(f"{name} and {folder} were sampled under different protocols ({protocol} and {other}): "
                              "their scores do not compare; --allow-protocol-mismatch to compare them anyway")
         if files.keys() != first.keys() or any(files[k] != first[k] for k in first):
             differ = sorted(set(files) ^ set(first))[:3] or [k for k in first if files[k] != first[k]][:3]
             raise ValueError(f"{name} and {folder} do not pair up (same prompts and files expected; differ: {differ})")
+        other_seed = next((f for f in first if own.get(f) != seeds[0].get(f)), None)
+        if other_seed:  # a paired comparison pairs images of the same initial noise
+            raise ValueError(f"{name} and {folder} were sampled with different seeds ({other_seed}: "
+                             f"{seeds[0].get(other_seed)} and {own.get(other_seed)}): sample both with the same --seed")
     return sorted(first.items())
 
 
@@ -443,17 +462,18 @@ def markdown(report):
     """The report as Markdown: the verdicts (the first folder against each other, per scorer), then per scorer its
     mean scores and its matrix of win rates (row over column)."""
     folders = report["folders"]
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731 (a | in a folder name would split its cell)
     lines = [f"- {verdict(report, name, folders[0], b)}" for name in report["scorers"] for b in folders[1:]] + [""]
     for name, result in report["scorers"].items():
         lines += [f"**{NAMES.get(name, name)}** ({report['prompts']} prompts, {report['images']} images per folder)",
-                  "", f"| folder | mean | {folders[0]} minus it, paired 95% |"
-                  + "".join(f" vs {os.path.basename(os.path.normpath(f))} |" for f in folders),
+                  "", f"| folder | mean | {cell(folders[0])} minus it, paired 95% |"
+                  + "".join(f" vs {cell(os.path.basename(os.path.normpath(f)))} |" for f in folders),
                   "| --- | --- | --- |" + " --- |" * len(folders)]
         for a in sorted(folders, key=lambda f: -result["means"][f]["mean"]):
             d = result["differences"][folders[0]].get(a)
             gap = f"{d['mean']:+.3g} [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]" if d else ""
             cells = ["" if a == b else f"{100 * result['winrates'][a][b]['winrate']:.1f}%" for b in folders]
-            lines.append(f"| {a} | {result['means'][a]['mean']:.4g} | {gap} | " + " | ".join(cells) + " |")
+            lines.append(f"| {cell(a)} | {result['means'][a]['mean']:.4g} | {gap} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

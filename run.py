@@ -101,6 +101,8 @@ def load_together(load, ddp, local_rank, master):
             for path in made:
                 shutil.rmtree(path, ignore_errors=True)
         if ddp:  # every rank is here: leave no gloo thread alive at exit (it aborts the process, SIGABRT)
+            # and exit with the error, not killed by the launcher, which stops the others once one rank has exited
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             dist.destroy_process_group()
         sys.exit(error if master or (error and not failed[1]) else 1)  # one message: rank 0's if it has one
     return loaded
@@ -252,26 +254,34 @@ def fill_defaults(args, presets, kind, objective):
     return args
 
 
+MAX_BETA = 1e20  # with |margin| < 1e18 (errors are means of squares of bounded features) beta x margin < 3.4e38
+MAX_DIST_TIMEOUT = 525600  # minutes; a larger timedelta overflows the process group's millisecond count
+
+
 def check_flags(args, kind):
     """ValueError for a flag out of its range, before any model is loaded."""
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
-    checks = [("lr", args.lr, args.lr > 0, "positive"),
+    beta = getattr(args, "beta", 1)
+    checks = [("lr", args.lr, 0 < args.lr <= 1, "in (0, 1] (Adam moves each weight by about lr a step; beyond 1 "
+               "the LoRA overflows or its outputs do)"),
               ("lora-rank", args.lora_rank, args.lora_rank >= 1, "at least 1"),
               ("save-every", args.save_every, args.save_every >= 1, "at least 1"),
               ("log-every", args.log_every, args.log_every >= 1, "at least 1"),
               ("validation-every", args.validation_every, args.validation_every >= 1, "at least 1"),
               ("resolution", args.resolution, args.resolution >= 8 and args.resolution % 8 == 0,
                "a positive multiple of 8 (the VAE's factor)"),
-              ("dist-timeout", args.dist_timeout, args.dist_timeout > 0, "positive"),
-              ("beta", getattr(args, "beta", 1), getattr(args, "beta", 1) > 0, "positive (0 learns nothing, a "
-               "negative beta prefers the loser)")]
+              ("dist-timeout", args.dist_timeout, 0 < args.dist_timeout <= MAX_DIST_TIMEOUT,
+               f"positive and at most {MAX_DIST_TIMEOUT} minutes (a year)"),
+              ("beta", beta, 0 < beta <= MAX_BETA, f"positive (0 learns nothing, a negative beta prefers the loser) "
+               f"and at most {MAX_BETA:g} (beta x margin must stay finite in fp32)")]
     if hasattr(args, "num_workers"):
         checks.append(("num-workers", args.num_workers, args.num_workers >= 0, "0 or more"))
     if hasattr(args, "step_back"):
         unet = kind != "sd3"
-        checks += [("step-back", args.step_back, args.step_back == 1 or not unet and args.step_back > 1,
-                    "1 (a DDPM model's step back is one step)" if unet else "at least 1"),
+        checks += [("step-back", args.step_back, args.step_back == 1 or not unet and 1 < args.step_back < 1000,
+                    "1 (a DDPM model's step back is one step)" if unet else
+                    "between 1 and 999 (steps on the scheduler's grid of 1000)"),
                    ("encoder-depth", args.encoder_depth, args.encoder_depth in ("down", "mid") if unet else
                     args.encoder_depth == "third" or args.encoder_depth.isdigit() and int(args.encoder_depth) >= 1,
                     "down or mid for a U-Net" if unet else "third or a number of joint blocks")]
@@ -281,6 +291,18 @@ def check_flags(args, kind):
     for flag in ("output_dir", "cache_latents", "image_store"):
         if getattr(args, flag, None):
             check_output(getattr(args, flag), "--" + flag.replace("_", "-"))
+
+
+def resumed_model(args):
+    """args.model, or on --resume without --model the checkpoint's own model: a run's flags are checked against
+    the model it trains (an SD3 run's --step-back 3 is refused against the default SDXL's U-Net)."""
+    path = os.path.join(args.output_dir or "", "checkpoint.pt")
+    if args.resume and "model" not in args.given and args.output_dir and os.path.isfile(path):
+        saved = sample.load_data(path, "a checkpoint")
+        model = saved.get("args", {}).get("model") if isinstance(saved, dict) else None
+        if isinstance(model, str):
+            args.model = model
+    return args.model
 
 
 def resume_point(args, script, may_change):
@@ -316,7 +338,8 @@ def resume_point(args, script, may_change):
 def check_batch(args, world_size, fit=True):
     """Fail fast on batch sizes that do not divide over the ranks. With fit, a micro-batch size that was not given
     (the preset's) is lowered until it does: the presets run on 1, 2, 4 or 8 processes as they are."""
-    if fit and "micro_batch_size" not in args.given and args.global_batch_size % world_size == 0:
+    if fit and "micro_batch_size" not in args.given and args.global_batch_size > 0 and \
+            args.global_batch_size % world_size == 0:
         per_rank = args.global_batch_size // world_size
         args.micro_batch_size = max(d for d in range(1, min(args.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
     per_step = args.micro_batch_size * world_size
@@ -390,17 +413,29 @@ def claim_folder(path, flag, made=None):
         made.append(path)
 
 
-SAVE_PREFIX = ".save-"  # a save's temporary folder inside the run directory
+SAVE_PREFIX = ".ncp-save-"  # a save's temporary folder inside the run directory (a name no user's folder has)
+
+
+class NonFiniteLoRA(ValueError):
+    """The LoRA holds NaN or inf (a learning rate large enough to overflow it): it is never saved."""
 
 
 def save_run(out_dir, unet, state=None):
     """Write the LoRA (diffusers' format) and the checkpoint `state` into a temporary folder, then rename each into
     OUT_DIR, the checkpoint last: a save killed between the two renames leaves the LoRA one save ahead, and the next
-    --resume rewrites it from the checkpoint (start_run). state None: the LoRA only."""
+    --resume rewrites it from the checkpoint (start_run). state None: the LoRA only. The LoRA file gets the mode
+    every other file has (0666 less the umask; safetensors writes 0600). NonFiniteLoRA if it is not finite."""
     import tempfile
 
+    bad = [n for n, p in unet.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLoRA(f"the LoRA holds NaN or inf ({len(bad)} tensors, first {bad[0]}): not saved; a lower "
+                            "--lr keeps it finite")
     with tempfile.TemporaryDirectory(prefix=SAVE_PREFIX, dir=out_dir) as tmp:
         sample.save_lora(unet, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(tmp, sample.LORA_FILE), 0o666 & ~umask)
         if state is not None:
             torch.save(state, os.path.join(tmp, "checkpoint.pt"))
         os.replace(os.path.join(tmp, sample.LORA_FILE), os.path.join(out_dir, sample.LORA_FILE))
@@ -557,6 +592,9 @@ def run_main(main, args):
     except data.DataError as e:  # bad data met in the loop (read in a DataLoader worker, whose traceback torch adds)
         _release()
         sys.exit(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
+    except NonFiniteLoRA as e:
+        _release()
+        sys.exit(f"error: {e}")
     except BaseException:
         _release()
         raise
@@ -818,7 +856,7 @@ class Run:
 
     def _load(self, args, presets, may_change, winners_only, made):
         """Everything that can fail on a user's input, before anything is written (load_together runs it)."""
-        _, kind = sample.resolve_model(args.model)
+        _, kind = sample.resolve_model(resumed_model(args))
         args = fill_defaults(args, presets, kind, self.objective)
         check_flags(args, kind)
         if self.master:  # one run per folder, before anything is written into it

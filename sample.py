@@ -478,6 +478,10 @@ def check_lora(lora_dir):
                          "partly copied?") from None
     for prefix in ("unet", "transformer"):
         if any(k.startswith(prefix + ".") for k in keys):
+            with safe_open(path, framework="pt") as f:
+                bad = next((k for k in keys if not torch.isfinite(f.get_tensor(k)).all()), None)
+            if bad:
+                raise ModelError(f"{path} holds NaN or inf ({bad}): a run that diverged; it would render black images")
             return prefix
     raise ModelError(f"{path} holds no U-Net or transformer LoRA weights (its {len(keys)} keys begin {keys[:2]}); "
                      "this project's LoRA files name them unet.* (SD1.5, SDXL) or transformer.* (SD3)")

@@ -6,7 +6,6 @@ missing, null image cells). Tiny models, one step at most; the hangs and checkpo
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 import data
 import run as run_py
 import sample
+import launch
 from helpers import ROOT, env, lora, metrics, train
 from test_formats import write_hpdv3, write_pickapic, write_webdataset
 from test_sample_eval import make_folder, scorer_dir  # noqa: F401 (a fixture)
@@ -70,6 +70,17 @@ TRAINING = [
     ("truncated tar", two_tars_one_truncated, [], "00001.tar cannot be read (unexpected end of data)"),
     ("JSON-lines bad line", jsonl_with_a_bad_line, [], "train.jsonl, line 4: not a JSON record"),
     ("null image cells", null_images, ["--num-workers", "2"], "could not be decoded"),
+    # the second campaign's minor flags (issue 39): each was a traceback or a run that trained nothing with exit 0
+    ("lr inf", None, ["--lr", "inf"], "--lr inf must be in (0, 1]"),
+    ("lr nan", None, ["--lr", "nan"], "--lr nan must be in (0, 1]"),
+    ("lr 1e30", None, ["--lr", "1e30"], "--lr 1e+30 must be in (0, 1]"),
+    ("beta inf", None, ["--beta", "inf"], "--beta inf must be positive"),
+    ("beta 1e300", None, ["--beta", "1e300"], "and at most 1e+20"),
+    ("global batch size 0", None, ["--global-batch-size", "0"], "--global-batch-size 0 must be a positive multiple"),
+    ("global batch size -4", None, ["--global-batch-size", "-4"], "--global-batch-size -4 must be a positive"),
+    ("dist timeout 1e30", None, ["--dist-timeout", "1e30"], "--dist-timeout 1e+30 must be positive and at most"),
+    ("step back 1e11 on a flow model", None, ["--model", "tiny-sd3", "--step-back", "100000000000"],
+     "--step-back 100000000000 must be between 1 and 999"),
 ]
 
 
@@ -108,8 +119,7 @@ def test_missing_hpd_images_are_skipped_counted_and_trained_around(tmp_path):
 
 
 def run(script, *args, timeout=120):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return launch.python([sys.executable, os.path.join(ROOT, script), *args], env(), ROOT, timeout)
 
 
 def lora_file(folder, content):
@@ -134,6 +144,8 @@ SAMPLING = [
     ("garbage LoRA file", ["--lora", "garbage"], "is not a readable safetensors file"),
     ("truncated LoRA file", ["--lora", "truncated"], "is not a readable safetensors file"),
     ("LoRA without U-Net keys", ["--lora", "text-only"], "holds no U-Net or transformer LoRA weights"),
+    ("LoRA holding NaN", ["--lora", "nan"], "holds NaN or inf (unet."),
+    ("seed 2^32", ["--seed", str(2**32)], "--seed 4294967296 must be between 0 and 2^32 - 1"),
 ]
 
 
@@ -141,7 +153,8 @@ SAMPLING = [
 def test_sampling_input(tmp_path, name, flags, fragment):
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "prompts.txt").write_text("a red circle\n")
-    loras = {"empty": b"", "garbage": b"garbage" * 10, "text-only": {"text_encoder.q.lora_A.weight": torch.zeros(2, 2)}}
+    loras = {"empty": b"", "garbage": b"garbage" * 10, "text-only": {"text_encoder.q.lora_A.weight": torch.zeros(2, 2)},
+             "nan": {"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.tensor([[0.0, float("nan")]])}}
     if "--lora" in flags:
         kind = flags[1]
         if kind == "truncated":
@@ -179,6 +192,11 @@ EVALUATION = [
     ("page folder is a file", ["--html", "{tmp}/file"], "--html {tmp}/file is a file"),
     ("markdown in a missing folder", ["--markdown", "{tmp}/none/t.md"], "--markdown {tmp}/none/t.md cannot be made"),
     ("a corrupt image", ["corrupt"], "00001_0.png is not a readable image"),
+    ("index.json not JSON", ["index:{\"images\": ["], "index.json is not valid JSON"),
+    ("index.json a list", ["index:[1, 2]"], "index.json is not a sample.py index"),
+    ("index.json without files", ["index:{\"images\": [{\"prompt\": \"x\"}]}"], "index.json is not a sample.py index"),
+    ("index.json of strings", ["index:{\"images\": [\"x\", \"y\"]}"], "index.json is not a sample.py index"),
+    ("other seeds", ["seeds"], "were sampled with different seeds (00000_0.png: 0 and 7)"),
 ]
 
 
@@ -186,9 +204,19 @@ EVALUATION = [
 def test_evaluation_input(tmp_path, folders, scorer_dir, name, flags, fragment):  # noqa: F811
     (tmp_path / "file").write_text("not a folder")
     a, b = folders
-    given = [f.format(tmp=tmp_path, a=a) for f in flags]
+    given = [f.format(tmp=tmp_path, a=a) for f in flags] if not flags[0].startswith("index:") else []
     if flags == ["corrupt"]:
         truncate(b / "00001_0.png")
+        given = []
+    elif flags[0].startswith("index:"):  # a tampered or hand-written index
+        (b / "index.json").write_text(flags[0].removeprefix("index:"))
+        given = []
+    elif flags == ["seeds"]:  # the same prompts and names, other noise: not a paired comparison
+        for folder, seed in ((a, 0), (b, 7)):
+            index = json.load(open(folder / "index.json"))
+            for item in index["images"]:
+                item["seeds"] = [seed + item["index"]]
+            (folder / "index.json").write_text(json.dumps(index))
         given = []
     if not given or not given[0].startswith(str(a)):
         given = [str(a), str(b), *given]
@@ -240,11 +268,13 @@ def test_a_save_killed_between_its_renames_is_made_whole_on_resume(tmp_path):
     straight = lora(run_dir)
     shutil.copy(saved / "checkpoint.pt", run_dir / "checkpoint.pt")  # the kill: the checkpoint is step 1's still
     (run_dir / (run_py.SAVE_PREFIX + "x1y2")).mkdir()
+    (run_dir / ".save-mine").mkdir()  # a user's own folder: only the saves' own name is removed
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
 
     train("ncp_dpo.py", run_dir, "--model", "tiny", "--max-steps", "1", "--resume", *steps)
     assert all(torch.equal(a, b) for a, b in zip(lora(run_dir).values(), lora(saved).values()))
     assert not [n for n in os.listdir(run_dir) if n.startswith(run_py.SAVE_PREFIX)]
+    assert (run_dir / ".save-mine").is_dir()
     assert [r["step"] for r in metrics(run_dir)] == [1]
     with open(run_dir / "metrics.jsonl", "a") as f:  # issue 39, major 6: a kill or full disk during the append
         f.write('{"step": 2, "loss": 0.69')
@@ -287,3 +317,22 @@ def test_major_9_10_a_v_prediction_model_is_refused_in_one_line_and_every_rank_e
     assert proc.returncode != 0 and proc.stdout.count("error: ") == 1 and "predicts 'v_prediction'" in proc.stdout
     assert "terminate called" not in proc.stdout and "SIGABRT" not in proc.stdout and "exitcode  : -" not in proc.stdout
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_non_finite_lora_is_never_saved_and_spo_checks_its_flags_first(tmp_path):
+    """The save refuses a LoRA holding NaN or inf, in one line, and writes nothing (sample.py would render black
+    images from it; --lr is bounded so that Adam cannot overflow it, this is the last guard). spo.py refuses a
+    non-finite --lr and --beta before loading anything."""
+    import run as run_py
+
+    unet = sample.build_tiny().unet
+    sample.add_lora(unet, rank=2)
+    next(p for n, p in unet.named_parameters() if "lora_B" in n).data[0, 0] = float("inf")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(run_py.NonFiniteLoRA, match="the LoRA holds NaN or inf"):
+        run_py.save_run(str(tmp_path / "out"), unet, {"step": 1})
+    assert os.listdir(tmp_path / "out") == []
+    for flag, fragment in (("--lr", "--lr inf must be in (0, 1]"), ("--beta", "--beta inf must be positive")):
+        proc = run("spo.py", "--model", "tiny", "--output-dir", tmp_path / "spo", flag, "inf")
+        one_line_error(proc, fragment)
+        assert not (tmp_path / "spo").exists()

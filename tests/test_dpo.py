@@ -110,6 +110,15 @@ def _check_run(out):
 
 def test_tiny_ncp_run(straight):
     _check_run(straight)
+    # The LoRA file is as readable as the run's other files (safetensors alone writes it 0600): shared storage.
+    mode = lambda name: os.stat(straight / name).st_mode & 0o777  # noqa: E731
+    assert mode("pytorch_lora_weights.safetensors") == mode("metrics.jsonl") == 0o666 & ~_umask()
+
+
+def _umask():
+    old = os.umask(0)
+    os.umask(old)
+    return old
 
 
 @pytest.mark.parametrize("model,space", [("tiny", "latent"), ("tiny-sdxl", "ncp"), ("tiny-sdxl", "latent")])

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import launch
 from helpers import FAST, ROOT, env
 
 # Runs a training script with one function replaced: at its second call it records the DataLoader workers' pids
@@ -144,9 +145,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path, scr
     torch.save({"step": 1, "args": {}, "lora": {}, "payload": _RunsCode(marker)}, out / "checkpoint.pt")
     for resume in ([], ["--resume"]):  # the file was once loaded before --resume was even checked
         if script == "spo.py":
-            proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--model", "tiny", "--output-dir",
-                                   str(out), *resume], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=300)
+            proc = launch.python([sys.executable, os.path.join(ROOT, script), "--model", "tiny", "--output-dir", out,
+                                  *resume], env(), ROOT, 300)
         else:
             proc = train(script, out, "--model", "tiny", *resume, check=False)
         _one_line_error(proc, "refused, since loading them could run code")
@@ -216,9 +216,8 @@ def test_major_1_2_a_held_run_folder_refuses_a_second_run_resume_and_sampler_and
             _one_line_error(train(script, out, "--model", "tiny", *args, check=False),
                             f"--output-dir {out} is in use by process {holder.pid} on ")
         (tmp_path / "prompts.txt").write_text("a red circle\n")
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", "tiny", "--prompts",
-                               str(tmp_path / "prompts.txt"), "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                              timeout=300)
+        proc = launch.python([sys.executable, os.path.join(ROOT, "sample.py"), "--model", "tiny", "--prompts",
+                              tmp_path / "prompts.txt", "--out", out], env(), ROOT, 300, merge=False)
         assert proc.returncode != 0 and f"--out {out} is in use by process {holder.pid}" in proc.stderr, proc.stderr
         assert (out / "theirs.txt").read_text() == "the live run's file"  # a refused run removes nothing
         assert sorted(os.listdir(out)) == [".lock", "theirs.txt"]

@@ -229,18 +229,21 @@ def test_winrate_against_itself_is_half_and_a_better_folder_wins(tmp_path, score
     # Put the higher-scoring candidate of each prompt in "better", the other in "worse".
     s = torch.stack([scorer([c[0], c[1]], [p, p]) for c, p in zip(candidates, prompts)])
     assert (s[:, 0] != s[:, 1]).all()
+    worse = tmp_path / "wo|rse"  # a | in a folder name is escaped in the Markdown table
     make_folder(tmp_path / "better", prompts, [c[int(s[i, 1] > s[i, 0])] for i, c in enumerate(candidates)])
-    make_folder(tmp_path / "worse", prompts, [c[int(s[i, 1] <= s[i, 0])] for i, c in enumerate(candidates)])
-    report = evaluate_main(tmp_path / "better", tmp_path / "worse", tmp_path / "first", scorer=scorer_dir,
+    make_folder(worse, prompts, [c[int(s[i, 1] <= s[i, 0])] for i, c in enumerate(candidates)])
+    report = evaluate_main(tmp_path / "better", worse, tmp_path / "first", scorer=scorer_dir,
                            out=tmp_path / "r.json", extra=["--markdown", str(tmp_path / "r.md")])
     means = report["scorers"]["pickscore"]["means"]
-    assert pickscore(report, tmp_path / "better", tmp_path / "worse")["winrate"] == 1.0
-    assert pickscore(report, tmp_path / "worse", tmp_path / "better")["winrate"] == 0.0
-    assert means[str(tmp_path / "better")]["mean"] > means[str(tmp_path / "worse")]["mean"]
+    assert pickscore(report, tmp_path / "better", worse)["winrate"] == 1.0
+    assert pickscore(report, worse, tmp_path / "better")["winrate"] == 0.0
+    assert means[str(tmp_path / "better")]["mean"] > means[str(worse)]["mean"]
     w = pickscore(report, tmp_path / "better", tmp_path / "first")  # the matrix: every folder against every other
     assert 0.5 <= w["winrate"] <= 1.0 and w["ci95"][0] <= w["winrate"] <= w["ci95"][1]
     table = (tmp_path / "r.md").read_text()
-    assert "| vs better | vs worse | vs first |" in table and "100.0%" in table and table.count("\n|") == 5
+    assert "| vs better | vs wo\\|rse | vs first |" in table and "100.0%" in table and table.count("\n|") == 5
+    rows = [re.split(r"(?<!\\)\|", line) for line in table.splitlines() if line.startswith("|")]
+    assert len({len(r) for r in rows}) == 1  # every row has the header's cells
 
 
 def test_win_rate_is_counted_per_prompt():

@@ -238,6 +238,14 @@ def test_torchrun_two_ranks_match_one_and_resume_is_exact(straight, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["e_w"] < 1e-2 for r in rows)
 
 
+def test_a_resume_without_model_checks_the_flags_against_the_runs_own_model(tmp_path):
+    """An SD3 run with --step-back 3 (refused for a U-Net) resumed without --model: the model is the checkpoint's,
+    not the default SDXL, before any flag is checked."""
+    train("ncp_dpo.py", tmp_path, *SD3, "--max-steps", "1", "--step-back", "3", "--save-every", "1")
+    proc = train("ncp_dpo.py", tmp_path, "--max-steps", "2", "--resume")
+    assert "resumed from" in proc.stdout and "tiny-sd3" in proc.stdout and [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
 def test_the_lora_loads_in_stablediffusion3pipeline_and_changes_the_images(straight, tmp_path):
     from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
