@@ -15,7 +15,7 @@ import encoder
 import ncp_dpo
 import run
 import sample
-from helpers import ROOT, env, lora, metrics, train
+from helpers import FAST, ROOT, env, lora, metrics, train
 
 
 def official_diffusion_dpo(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, beta_dpo=5000.0):
@@ -201,8 +201,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert f"at step {step}" in resumed.stdout and metrics(tmp_path)[-1]["step"] == step + 1
 
 
+NAN_LOSS = "import torch.nn.functional as F\nF.logsigmoid = lambda x: x * float('nan')  # DPO's loss: NaN\n"
+
+
 def test_nonfinite_loss_skips_the_update(tmp_path):
-    train("ncp_dpo.py", tmp_path, "--model", "tiny", "--max-steps", "2", "--beta", "inf")  # inf x a zero margin is nan
+    """A NaN loss (logsigmoid made to return NaN by a start-up hook; --beta inf is refused now) skips each update."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(NAN_LOSS)
+    cmd = [sys.executable, os.path.join(ROOT, "ncp_dpo.py"), "--output-dir", str(tmp_path / "out"), *FAST, "--model",
+           "tiny", "--max-steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                          env={**env(), "PYTHONPATH": f"{tmp_path / 'hook'}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    tmp_path = tmp_path / "out"
     rows = metrics(tmp_path)
     assert rows[-1]["nonfinite_steps"] == 2
     assert all(torch.isfinite(v).all() for v in lora(tmp_path).values())

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from PIL import Image
 import ncp_dpo
 import run as run_py
 import sample
+import launch
 from helpers import ROOT, env
 from test_sample_eval import scorer_dir  # noqa: F401 (a fixture)
 
@@ -47,9 +49,10 @@ def test_every_entry_point_is_quiet(tmp_path, scorer_dir):  # noqa: F811
     """evaluate.py, spo.py and spm.py print none of the libraries' known noise either (the training scripts and
     sample.py: the test above)."""
     (tmp_path / "prompts.txt").write_text("a red circle\n")
-    for name in ("a", "b"):
-        run(tmp_path, sys.executable, os.path.join(ROOT, "sample.py"), "--model", "tiny", "--prompts", "prompts.txt",
-            "--out", name, "--steps", "1", "--seed", str(len(name) + ord(name)))
+    run(tmp_path, sys.executable, os.path.join(ROOT, "sample.py"), "--model", "tiny", "--prompts", "prompts.txt",
+        "--out", "a", "--steps", "1")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same seeds (a paired comparison), another image
+    Image.open(tmp_path / "a" / "00000_0.png").transpose(Image.Transpose.ROTATE_90).save(tmp_path / "b" / "00000_0.png")
     outputs = {
         "evaluate.py": run(tmp_path, sys.executable, os.path.join(ROOT, "evaluate.py"), "a", "b", "--pickscore-model",
                            scorer_dir, "--pickscore-processor", scorer_dir, "--html", "page"),
@@ -125,8 +128,7 @@ def reporter_run(tmp_path, kind, max_steps=2, extra=(), environ=None):
     cmd = [sys.executable, os.path.join(ROOT, "ncp_dpo.py"), "--output-dir", str(tmp_path / "out"), *FAST, "--model",
            "tiny", "--max-steps", str(max_steps), "--report-to", kind, "--validation-prompts",
            str(tmp_path / "prompts.txt"), "--validation-every", "2", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                          env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(environ or {})})
+    proc = launch.python(cmd, {**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(environ or {})}, ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return tmp_path / "out"
 

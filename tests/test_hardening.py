@@ -178,7 +178,7 @@ def test_a_run_of_another_script_is_not_resumed_under_this_loss(tmp_path):
 
 
 @pytest.mark.parametrize("script, flag, value, fragment", [
-    ("ncp_dpo.py", "--lr", "-1", "--lr -1.0 must be positive"),
+    ("ncp_dpo.py", "--lr", "-1", "--lr -1.0 must be in (0, 1]"),
     ("ncp_dpo.py", "--lora-rank", "0", "--lora-rank 0 must be at least 1"),
     ("ncp_dpo.py", "--save-every", "0", "--save-every 0 must be at least 1"),
     ("ncp_dpo.py", "--resolution", "30", "--resolution 30 must be a positive multiple of 8"),
