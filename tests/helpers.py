@@ -24,9 +24,12 @@ def train(script, out, *args, nproc=1, check=True, timeout=600):
     else:
         cmd = [sys.executable]
     cmd += [os.path.join(ROOT, script), "--output-dir", str(out), *FAST, *args]
-    proc = (launch.python(cmd, env(), ROOT, timeout) if nproc == 1 else
-            subprocess.run(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           timeout=timeout))
+    if nproc == 1:
+        proc = launch.python(cmd, env(), ROOT, timeout)
+    else:
+        cmd, environ = launch.for_torchrun(cmd, env())
+        proc = subprocess.run(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc

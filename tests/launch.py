@@ -1,14 +1,17 @@
 """`python SCRIPT ARGS` for the tests: a child forked from zygote.py (imports done once) where that is the same
 process a real start would give, a real subprocess otherwise. Returns what subprocess.run(..., stdout=PIPE,
-stderr=STDOUT, text=True) returns, and raises subprocess.TimeoutExpired the same way."""
+stderr=STDOUT, text=True) returns, and raises subprocess.TimeoutExpired the same way. for_torchrun: a torchrun
+command whose workers are forked the same way (worker.py)."""
 
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Variables a child may set differently from the zygote's: no library reads them while it imports.
@@ -23,8 +26,11 @@ def _server(env):
     server = _zygote.get(key)
     if server is None or server.poll() is not None:
         _close()
-        server = subprocess.Popen([sys.executable, os.path.join(HERE, "zygote.py")], env=env, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        folder = tempfile.mkdtemp(prefix="ncp-zygote-")
+        socket_path = os.path.join(folder, "socket")
+        server = subprocess.Popen([sys.executable, os.path.join(HERE, "zygote.py"), socket_path], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        server.socket_path = socket_path
         _zygote[key] = server
     return server
 
@@ -33,6 +39,7 @@ def _close():
     for server in _zygote.values():
         server.stdin.close()
         server.wait(timeout=30)
+        shutil.rmtree(os.path.dirname(server.socket_path), ignore_errors=True)
     _zygote.clear()
 
 
@@ -62,3 +69,18 @@ def _forked(argv, env, cwd, timeout, merge):
     if reply["timed_out"]:
         raise subprocess.TimeoutExpired(argv, timeout, output=stdout, stderr=stderr)
     return subprocess.CompletedProcess(argv, reply["rc"], stdout, stderr)
+
+
+def for_torchrun(cmd, env):
+    """(cmd, env) of a torchrun command [python, -m, torch.distributed.run, options..., script.py, args...] whose
+    workers are forked by the zygote: worker.py goes before the script, and env names the zygote's socket."""
+    cmd = [str(c) for c in cmd]
+    if os.environ.get("NCP_TESTS_NO_FORK"):
+        return cmd, env
+    at = next(i for i, c in enumerate(cmd) if i > 2 and c.endswith(".py"))
+    with _lock:
+        server = _server(env)
+    deadline = time.monotonic() + 120  # the socket is there once the imports are done
+    while not os.path.exists(server.socket_path) and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cmd[:at] + [os.path.join(HERE, "worker.py")] + cmd[at:], {**env, "NCP_ZYGOTE_SOCKET": server.socket_path}

@@ -15,15 +15,16 @@ import torch
 import ncp_dpo
 import run
 import sample
+import launch
 from helpers import FAST, ROOT, env, lora, metrics, train
 
 # A long step: 32 micro-batches of 2 pairs each, on 2 DataLoader workers.
 LONG = ["--model", "tiny", "--num-workers", "2", "--global-batch-size", "64", "--micro-batch-size", "2"]
 
 
-def _launch(cmd, **kwargs):
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kwargs)
+def _launch(cmd, environ=None, **kwargs):
+    return subprocess.Popen(cmd, cwd=ROOT, env=environ or env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **kwargs)
 
 
 def _wait_for_step(out, step, proc, timeout=300):
@@ -123,7 +124,7 @@ def _two_nodes(out, cache, max_steps, *extra):
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ncp-test",
                os.path.join(ROOT, "ncp_dpo.py"), "--output-dir", str(out), *FAST, "--model", "tiny",
                "--max-steps", str(max_steps), "--cache-latents", str(cache), *extra]
-        procs.append(_launch(cmd))
+        procs.append(_launch(*launch.for_torchrun(cmd, env())))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
     return logs

@@ -317,13 +317,16 @@ def test_torchrun_shards_prompts_and_matches_one_process(tmp_path, prompts):
     import subprocess
     import sys
 
+    import launch
     from helpers import ROOT, env
 
     run_sample(tmp_path, tmp_path / "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "sample.py"), "--model", "tiny", "--prompts", str(tmp_path / "prompts.txt"),
            "--out", str(tmp_path / "two"), "--steps", "2"]
-    proc = subprocess.run(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    cmd, environ = launch.for_torchrun(cmd, env())
+    proc = subprocess.run(cmd, env=environ, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert json.load(open(tmp_path / "two" / "index.json"))["images"] == json.load(open(tmp_path / "one" / "index.json"))["images"]
     for i in range(len(prompts)):  # same seeds; only the thread count differs, which may move a pixel by a level or two

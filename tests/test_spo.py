@@ -26,9 +26,12 @@ SPO_FAST = ["--preference-model", "tiny", "--log-every", "1", "--save-every", "1
 def spo_train(out, *args, nproc=1, check=True):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
            else [sys.executable]) + [os.path.join(ROOT, "spo.py"), "--output-dir", str(out), *SPO_FAST, *args]
-    proc = (launch.python(cmd, env(), ROOT, 600) if nproc == 1 else
-            subprocess.run(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           timeout=600))
+    if nproc == 1:
+        proc = launch.python(cmd, env(), ROOT, 600)
+    else:
+        cmd, environ = launch.for_torchrun(cmd, env())
+        proc = subprocess.run(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc
