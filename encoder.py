@@ -64,7 +64,7 @@ from torch.utils.checkpoint import checkpoint
 
 METHODS = ("direct", "jvp")
 # The authors' launchers: through the mid block for SD1.5, not for SDXL. SD3: a third of the joint blocks.
-DEPTHS = {"sd15": "mid", "sdxl": "down", "sd3": "third"}
+DEPTHS = {"sd15": "mid", "sdxl": "down", "sd3": "third", "flux2": "third"}
 
 
 # -----------------------------------------------------------------------------
@@ -276,6 +276,8 @@ def down_stack(unet, x, t, cond, depth="mid"):
 def _stages(unet, x, t, cond, depth):
     """E as a list of stages, chosen once by the model: the U-Net's or the MMDiT's. The time and text embeddings,
     which do not depend on x, are computed here, once."""
+    if hasattr(unet, "single_transformer_blocks"):
+        return _flux2_stages(unet, x, t, cond, depth)
     return (_mmdit_stages if is_transformer(unet) else _unet_stages)(unet, x, t, cond, depth)
 
 
@@ -325,14 +327,58 @@ def _mmdit_stages(model, x, t, cond, depth):
     return [embed] + [partial(run, block, i == k - 1) for i, block in enumerate(model.transformer_blocks[:k])]
 
 
+def _flux2_stages(model, x, t, cond, depth):
+    """FLUX.2's E as stages of one state, its first K = blocks_of(depth) blocks counting the double-stream blocks,
+    then the single-stream ones: text and image tokens side by side, (B, text + image tokens, width); the last stage
+    keeps the image tokens. The time embedding, the blocks' modulations, the text tokens' embedding and the RoPE
+    angles of both streams do not depend on x: computed once, constants of E. The same path as
+    Flux2Transformer2DModel.forward up to block K (t: the scheduler's 0-1000 scale, the model's time x 1000)."""
+    k = blocks_of(model, depth)
+    temb = model.time_guidance_embed(t.to(x.dtype), None)
+    mod_img, mod_txt = model.double_stream_modulation_img(temb), model.double_stream_modulation_txt(temb)
+    mod_single = model.single_stream_modulation(temb)
+    context = model.context_embedder(cond["encoder_hidden_states"])
+    n = context.shape[1]
+    txt_ids = cond["txt_ids"][0] if cond["txt_ids"].dim() == 3 else cond["txt_ids"]
+    text_rope, image_rope = model.pos_embed(txt_ids), model.pos_embed(_latent_ids(x))
+    rope = tuple(torch.cat([a, b], dim=0) for a, b in zip(text_rope, image_rope))
+
+    def embed(x):
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h w, C): the pipeline's packing
+        return torch.cat([context.to(x.dtype), model.x_embedder(tokens)], dim=1)
+
+    def double(block, last, h):
+        text, image = block(hidden_states=h[:, n:], encoder_hidden_states=h[:, :n], temb_mod_img=mod_img,
+                            temb_mod_txt=mod_txt, image_rotary_emb=rope)
+        return image if last else torch.cat([text, image], dim=1)
+
+    def single(block, last, h):
+        h = block(hidden_states=h, encoder_hidden_states=None, temb_mod=mod_single, image_rotary_emb=rope)
+        return h[:, n:] if last else h
+
+    blocks = [partial(double, b) for b in model.transformer_blocks] + \
+             [partial(single, b) for b in model.single_transformer_blocks]
+    return [embed] + [partial(run, i == k - 1) for i, run in enumerate(blocks[:k])]
+
+
+def _latent_ids(x):
+    """The RoPE positions of x's latent grid (B, C, h, w): (h w, 4), as sample.latent_ids."""
+    h, w = x.shape[-2:]
+    rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+    zero = torch.zeros_like(rows)
+    return torch.stack([zero, rows, cols, zero], dim=-1).flatten(0, 1)
+
+
 def is_transformer(model):
     """Whether the denoiser is SD3's transformer (joint blocks) rather than a U-Net."""
     return hasattr(model, "transformer_blocks")
 
 
 def blocks_of(model, depth):
-    """The number K of SD3 joint blocks E runs for `depth` (an integer, or "third"). ValueError if out of range."""
-    total = len(model.transformer_blocks)
+    """The number K of transformer blocks E runs for `depth` (an integer, or "third"): SD3's joint blocks; FLUX.2's
+    double-stream then single-stream blocks, counted together (a block of either kind costs 13 d^2 multiply-adds per
+    token in its projections: docs/flux2.md). ValueError if out of range."""
+    total = len(model.transformer_blocks) + len(getattr(model, "single_transformer_blocks", []))
     k = max(1, total // 3) if depth == "third" else int(depth) if str(depth).isdigit() else None
     if k is None or not 1 <= k < total:
         raise ValueError(f"encoder depth for this transformer must be 'third' or a number of joint blocks from 1 to "

@@ -43,7 +43,7 @@ def errors(unet, scheduler, x0, cond, generator, space="ncp", depth="mid", step_
     the winners then the losers, sharing t, noise and z pair by pair. No reference forward: CPO has none. unet,
     policy, cond as in ncp_dpo.errors; E is the unet with its adapters off."""
     x_t, t, target, z = encoder.noised(scheduler, x0, len(x0) // 2, generator)
-    pred = (policy or unet)(x_t, timestep=t, **cond).sample
+    pred = sample.denoise(policy or unet, x_t, t, cond)
     err = (encoder.latent_error(pred, target) if space == "latent" else
            encoder.perceptual_errors(unet, scheduler, x_t=x_t, t=t, pred=pred, target=target, z=z, cond=cond,
                                      depth=depth, step_back=step_back))

@@ -56,9 +56,9 @@ def errors(unet, scheduler, x0, cond, generator, space="ncp", depth="mid", step_
     shared by its two images, so that their comparison carries no noise of its own.
     """
     x_t, t, target, z = encoder.noised(scheduler, x0, len(x0) // 2, generator)  # target: the noise, or SD3's velocity
-    pred = (policy or unet)(x_t, timestep=t, **cond).sample  # the policy
+    pred = sample.denoise(policy or unet, x_t, t, cond)  # the policy
     with torch.no_grad(), encoder.base_weights(unet):
-        ref_pred = unet(x_t, timestep=t, **cond).sample  # the reference: the same U-Net, adapters off
+        ref_pred = sample.denoise(unet, x_t, t, cond)  # the reference: the same U-Net, adapters off
     if space == "latent":
         err, ref_err = encoder.latent_error(pred, target), encoder.latent_error(ref_pred, target)
     else:  # eq. 13 for the policy and the reference, one target for both

@@ -28,7 +28,7 @@ def errors(unet, scheduler, x0, cond, generator, space="ncp", depth="mid", step_
     """The policy's per-sample winner errors e_w, (B,) fp32, of B winners x0 (B, C, h, w). unet, policy, cond as in
     ncp_dpo.errors; E is the unet with its adapters off."""
     x_t, t, target, z = encoder.noised(scheduler, x0, len(x0), generator)
-    pred = (policy or unet)(x_t, timestep=t, **cond).sample
+    pred = sample.denoise(policy or unet, x_t, t, cond)
     if space == "latent":
         return encoder.latent_error(pred, target)
     return encoder.perceptual_errors(unet, scheduler, x_t=x_t, t=t, pred=pred, target=target, z=z, cond=cond,

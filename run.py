@@ -124,12 +124,13 @@ def parser(doc):
 
 def pair_flags(p, presets):
     """The model, space and data flags of the three pair trainers."""
-    p.add_argument("--model", default="sdxl", help="sd15, sdxl, sd35-medium, sd35-large, tiny, tiny-sdxl, tiny-sd3, "
-                   "a diffusers pipeline dir or hub id (default: %(default)s)")
+    p.add_argument("--model", default="sdxl", help="sd15, sdxl, sd35-medium, sd35-large, flux2-klein-4b, "
+                   "flux2-klein-9b, tiny, tiny-sdxl, tiny-sd3, tiny-flux2, a diffusers pipeline dir or hub id "
+                   "(default: %(default)s)")
     p.add_argument("--encoder-depth", help="perceptual encoder: U-Net: down (the down blocks) or mid (through the "
-                   "mid block); SD3: K, its first K joint blocks, or third (a third of them) (default: "
+                   "mid block); SD3, FLUX.2: K, its first K transformer blocks, or third (a third of them) (default: "
                    + ", ".join(f"{k} {v}" for k, v in encoder.DEPTHS.items()) + ")")
-    p.add_argument("--step-back", type=int, default=1, help="SD3: the encoder's Euler step back, in points of the "
+    p.add_argument("--step-back", type=int, default=1, help="SD3, FLUX.2: the encoder's Euler step back, in points of the "
                    "1000-point training grid (default: %(default)s; DDPM's step back is always one step)")
     p.add_argument("--t5", action=argparse.BooleanOptionalAction, default=True,
                    help="SD3: encode prompts with its T5 too (--no-t5: zeros in its place, as SD3 allows; saves T5's "
@@ -166,6 +167,9 @@ PAPER_PRESETS = {
     # SD3.5 (no paper has NCP settings for it): SDXL's, at SD3.5's native 1024 px (docs/sd3.md says why)
     "sd3": dict(resolution=1024, global_batch_size=512, micro_batch_size=1, lr=5.12e-6, warmup_steps=500,
                 max_steps=2000, lora_rank=64, gradient_checkpointing=True, filter="absolute-winners"),
+    # FLUX.2 [klein] (no paper has NCP or DPO settings for it): SDXL's too, at its native 1024 px (docs/flux2.md)
+    "flux2": dict(resolution=1024, global_batch_size=512, micro_batch_size=1, lr=5.12e-6, warmup_steps=500,
+                  max_steps=2000, lora_rank=64, gradient_checkpointing=True, filter="absolute-winners"),
     "tiny": dict(resolution=32, global_batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=0,
                  max_steps=60, lora_rank=8, gradient_checkpointing=False, filter="none"),
 }
@@ -275,10 +279,13 @@ def check_flags(args, kind):
                f"positive and at most {MAX_DIST_TIMEOUT} minutes (a year)"),
               ("beta", beta, 0 < beta <= MAX_BETA, f"positive (0 learns nothing, a negative beta prefers the loser) "
                f"and at most {MAX_BETA:g} (beta x margin must stay finite in fp32)")]
+    if kind == "flux2":
+        checks.append(("resolution", args.resolution, args.resolution % 16 == 0,
+                       "a multiple of 16 for FLUX.2 (its VAE's factor 8 times its 2 x 2 latent patches)"))
     if hasattr(args, "num_workers"):
         checks.append(("num-workers", args.num_workers, args.num_workers >= 0, "0 or more"))
     if hasattr(args, "step_back"):
-        unet = kind != "sd3"
+        unet = kind not in ("sd3", "flux2")
         checks += [("step-back", args.step_back, args.step_back == 1 or not unet and 1 < args.step_back < 1000,
                     "1 (a DDPM model's step back is one step)" if unet else
                     "between 1 and 999 (steps on the scheduler's grid of 1000)"),
@@ -877,7 +884,7 @@ class Run:
         check_reporter(args.report_to)
         dtype = DTYPES[args.precision]
         models = sample.load_models(args.model, dtype, self.device, t5=args.t5)
-        if kind == "sd3":
+        if kind in ("sd3", "flux2"):
             encoder.blocks_of(models.unet, args.encoder_depth)  # within the transformer's depth, or one line
         return args, ckpt, pairs, counts, dataset, validation, dtype, models
 

@@ -37,13 +37,26 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"  # the SDXL VAE rescaled to run in fp16/bf16 without overflow
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 SD35_LARGE = "stabilityai/stable-diffusion-3.5-large"
+# FLUX.2 [klein]: the undistilled base models, made for fine-tuning (4B: Apache-2.0; 9B: a non-commercial licence).
+FLUX2_KLEIN_4B = "black-forest-labs/FLUX.2-klein-base-4B"
+FLUX2_KLEIN_9B = "black-forest-labs/FLUX.2-klein-base-9B"
+# What the first load of a named model downloads (the components the scripts load, in the repository's own
+# precision), said before the download starts. Approximate: parameters x bytes per weight.
+DOWNLOAD = {SD15: "about 4.3 GB", SDXL: "about 14 GB", SD35_MEDIUM: "about 16 GB", SD35_LARGE: "about 27 GB",
+            FLUX2_KLEIN_4B: "about 16 GB", FLUX2_KLEIN_9B: "about 34 GB"}
 NAMED = {"sd15": (SD15, "sd15"), "sdxl": (SDXL, "sdxl"), "sd35-medium": (SD35_MEDIUM, "sd3"),
-         "sd35-large": (SD35_LARGE, "sd3"), "tiny": ("tiny", "sd15"), "tiny-sdxl": ("tiny-sdxl", "sdxl"),
-         "tiny-sd3": ("tiny-sd3", "sd3")}
-TINY = {"tiny": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+         "sd35-large": (SD35_LARGE, "sd3"), "flux2-klein-4b": (FLUX2_KLEIN_4B, "flux2"),
+         "flux2-klein-9b": (FLUX2_KLEIN_9B, "flux2"), "tiny": ("tiny", "sd15"), "tiny-sdxl": ("tiny-sdxl", "sdxl"),
+         "tiny-sd3": ("tiny-sd3", "sd3"), "tiny-flux2": ("tiny-flux2", "flux2")}
+TINY = {"tiny": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux2": "flux2"}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # SD3's joint attention has a second set of projections for the text stream: the LoRA covers both streams.
 LORA_TARGETS_SD3 = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# FLUX.2: both streams of the double blocks, and the single blocks' fused QKV+MLP input and their output (named
+# one by one: a double block's attn.to_out is a list, which a bare "to_out" would name too).
+LORA_TARGETS_FLUX2 = LORA_TARGETS_SD3 + ["to_qkv_mlp_proj"]
+QWEN3_LAYERS = (9, 18, 27)  # the Qwen3 hidden states FLUX.2 [klein] stacks as its prompt embedding (the pipeline's)
+FLUX2_TOKENS = 512  # Flux2KleinPipeline's max_sequence_length
 T5_TOKENS = 256  # SD3's T5 sequence length, StableDiffusion3Pipeline's default max_sequence_length
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -61,8 +74,9 @@ class Models:
     """The frozen components of a text-to-image latent diffusion model."""
 
     name: str
-    kind: str  # "sd15" (one CLIP text encoder), "sdxl" (two, plus micro-conditioning), "sd3" (two CLIPs and T5)
-    unet: torch.nn.Module  # the denoiser: UNet2DConditionModel, or SD3Transformer2DModel for "sd3"
+    kind: str  # "sd15" (one CLIP text encoder), "sdxl" (two, plus micro-conditioning), "sd3" (two CLIPs and T5),
+    # "flux2" (one Qwen3)
+    unet: torch.nn.Module  # the denoiser: UNet2DConditionModel, SD3Transformer2DModel, Flux2Transformer2DModel
     vae: torch.nn.Module
     text_encoders: list  # SD3: CLIP-L, CLIP-G, and T5 or None (dropped: its embeddings are zeros, as SD3 allows)
     tokenizers: list
@@ -98,6 +112,8 @@ def resolve_model(model):
 
 
 def _kind_of(index, where):
+    if "transformer" in index and index.get("_class_name", "").startswith("Flux2Klein"):
+        return "flux2"
     if "transformer" in index and "text_encoder_3" in index and index.get("_class_name", "").startswith(
             "StableDiffusion3"):
         return "sd3"
@@ -106,8 +122,8 @@ def _kind_of(index, where):
     if "text_encoder" in index and "unet" in index:
         return "sd15"
     raise ModelError(f"{where}: model_index.json describes {index.get('_class_name')}, not an SD1.5-, "
-                     "SDXL- or SD3-like pipeline (it needs unet, vae, text_encoder and, for SDXL, text_encoder_2; or "
-                     "SD3's transformer and three text encoders)")
+                     "SDXL-, SD3- or FLUX.2 [klein]-like pipeline (it needs unet, vae, text_encoder and, for SDXL, "
+                     "text_encoder_2; or SD3's transformer and three text encoders; or a Flux2KleinPipeline)")
 
 
 def load_models(model, dtype=torch.float32, device="cpu", t5=True):
@@ -117,12 +133,15 @@ def load_models(model, dtype=torch.float32, device="cpu", t5=True):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source, kind = resolve_model(model)
+    _announce_download(source)
     if source in TINY:
         models = build_tiny(kind)
         if not t5 and kind == "sd3":
             models.text_encoders[2] = models.tokenizers[2] = None
     elif kind == "sd3":
         models = _load_sd3(model, source, dtype, t5)
+    elif kind == "flux2":
+        models = _load_flux2(model, source, dtype)
     else:
         try:
             sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
@@ -154,6 +173,16 @@ def load_models(model, dtype=torch.float32, device="cpu", t5=True):
     return models
 
 
+def _announce_download(source):
+    """One line before a named model's first download (a cached model says nothing)."""
+    if source not in DOWNLOAD or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        print(f"model: downloading {source} ({DOWNLOAD[source]}) into the Hugging Face cache, once", flush=True)
+
+
 def _load_sd3(model, source, dtype, t5):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
@@ -172,6 +201,25 @@ def _load_sd3(model, source, dtype, t5):
         raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
 
 
+def _load_flux2(model, source, dtype):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    try:
+        sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
+        return Models(model, "flux2", sub(Flux2Transformer2DModel, "transformer"), sub(AutoencoderKLFlux2, "vae"),
+                      [sub(Qwen3ForCausalLM, "text_encoder")], [AutoTokenizer.from_pretrained(source, subfolder="tokenizer")],
+                      FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler"),
+                      text_tokens=FLUX2_TOKENS)
+    except OSError as e:  # hub errors are OSErrors too; a gated repository refuses a download without its licence
+        from huggingface_hub.errors import GatedRepoError
+
+        gated = isinstance(e, GatedRepoError) or "gated" in str(e).lower()
+        why = ("the hub refused the download: the repository is gated, accept its licence on its hub page and log "
+               "in (hf auth login)" if gated else str(e).splitlines()[0])
+        raise ModelError(f"could not load {source}: {why}") from None
+
+
 def _tiny_tokenizer(max_length=16):
     from transformers import CLIPTokenizer
 
@@ -183,12 +231,14 @@ def _tiny_tokenizer(max_length=16):
 
 
 def build_tiny(kind="sd15", seed=0):
-    """A random, small SD1.5-, SDXL- or SD3-like model (about 1M parameters), built in code: no download."""
+    """A random, small SD1.5-, SDXL-, SD3- or FLUX.2-like model (about 1M parameters), built in code: no download."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if kind == "sd3":
         return build_tiny_sd3(seed)
+    if kind == "flux2":
+        return build_tiny_flux2(seed)
     torch.manual_seed(seed)
     tokenizer = _tiny_tokenizer()
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -242,6 +292,58 @@ def build_tiny_sd3(seed=0, layers=6):
     return Models("tiny-sd3", "sd3", transformer, vae, encoders, [tokenizer] * 3, scheduler, text_tokens=16)
 
 
+def build_tiny_flux2(seed=0):
+    """A random, small FLUX.2 [klein]-like model built in code: a Flux2Transformer2DModel of 2 double-stream and 4
+    single-stream blocks (4-axis RoPE, no guidance embedding, as the base models), an AutoencoderKLFlux2 of 8 latent
+    channels (patchified to 32, with its batch-norm statistics), a 27-layer Qwen3 of width 16 whose hidden states 9,
+    18 and 27 are the prompt embedding, a character-level Qwen2 tokenizer with Qwen3's chat template, and a
+    dynamically shifted FlowMatchEulerDiscreteScheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_qwen_tokenizer()
+    encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=max(QWEN3_LAYERS),
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True))
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=8, norm_num_groups=16,
+                             layers_per_block=1, sample_size=32)
+    with torch.no_grad():  # batch-norm statistics other than 0 and 1, so that the normalisation is exercised
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=2, num_single_layers=4,
+                                          attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=16 * len(QWEN3_LAYERS), timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096, time_shift_type="exponential")
+    return Models("tiny-flux2", "flux2", transformer, vae, [encoder], [tokenizer], scheduler, text_tokens=64)
+
+
+def _tiny_qwen_tokenizer():
+    """A character-level Qwen2 tokenizer with Qwen3's special tokens and the part of its chat template the
+    pipeline uses (a user turn, then the assistant's turn with thinking turned off)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 .,!?'-\n<>/|_"
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+    vocab = {c: i for i, c in enumerate(chars)} | {s: len(chars) + i for i, s in enumerate(special)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.add_special_tokens(special)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]", model_max_length=FLUX2_TOKENS)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+        "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    return tokenizer
+
+
 def save_pipeline(models, out_dir):
     """Save the components as a diffusers pipeline directory (loadable by --model DIR)."""
     pipe = make_pipeline(models)
@@ -254,6 +356,11 @@ def make_pipeline(models):
     StableDiffusion3)."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if models.kind == "flux2":
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline(scheduler=models.scheduler, vae=models.vae, text_encoder=models.text_encoders[0],
+                                  tokenizer=models.tokenizers[0], transformer=models.unet, is_distilled=False)
     if models.kind == "sd3":
         (te, te2, te3), (tok, tok2, tok3) = models.text_encoders, models.tokenizers
         return StableDiffusion3Pipeline(transformer=models.unet, scheduler=models.scheduler, vae=models.vae,
@@ -284,12 +391,17 @@ def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, ta
     SD3:   {"encoder_hidden_states": (B, 77 + 256, 4096), both CLIPs' penultimate hidden states side by side, padded
             to T5's width, then T5's last hidden state (zeros without T5), "pooled_projections": (B, 2048) both
             CLIPs' pooled outputs}: StableDiffusion3Pipeline.encode_prompt's, without classifier-free guidance.
+    FLUX.2: {"encoder_hidden_states": (B, 512, 3 x width), Qwen3's hidden states 9, 18 and 27 of the prompt in
+            its chat template, side by side per token; "txt_ids": (B, 512, 4) the text tokens' RoPE positions}:
+            Flux2KleinPipeline.encode_prompt's.
     repeat: each caption serves `repeat` images (winner and loser): the text is encoded once and its embeddings
     repeated, B captions -> repeat * B rows; original_sizes and crops_top_left are then per image.
     """
     device = models.unet.device
     if models.kind == "sd3":
         return repeat_cond(_sd3_text(models, list(captions), device), repeat)
+    if models.kind == "flux2":
+        return repeat_cond(_qwen3_text(models, list(captions), device), repeat)
     hidden, pooled = [], None
     for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
         ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
@@ -330,6 +442,40 @@ def _sd3_text(models, captions, device):
             "pooled_projections": torch.cat(pooled, dim=-1)}
 
 
+def _qwen3_text(models, captions, device):
+    tokenizer, encoder = models.tokenizers[0], models.text_encoders[0]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False) for c in captions]
+    tokens = tokenizer(chats, padding="max_length", max_length=models.text_tokens, truncation=True,
+                       return_tensors="pt").to(device)
+    # The causal LM's body: its hidden states are the pipeline's, without the vocabulary head it never reads.
+    out = encoder.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True,
+                        use_cache=False)
+    hidden = torch.stack([out.hidden_states[k] for k in QWEN3_LAYERS], dim=2)  # (B, L, 3, width)
+    ids = torch.zeros(len(captions), models.text_tokens, 4, dtype=torch.long, device=device)
+    ids[..., 3] = torch.arange(models.text_tokens, device=device)  # (t, h, w, l) = (0, 0, 0, token)
+    return {"encoder_hidden_states": hidden.flatten(2), "txt_ids": ids}
+
+
+def denoise(model, x, t, cond):
+    """The denoiser's prediction at x (B, C, h, w) and timesteps t (B,) on the scheduler's 0-1000 scale, shaped as
+    x: the U-Net's or SD3's call; for FLUX.2 (cond has txt_ids), its call on the packed tokens of x, one per
+    latent position with RoPE positions (0, row, column, 0), at time t / 1000 (Flux2KleinPipeline's convention)."""
+    if "txt_ids" not in cond:
+        return model(x, timestep=t, **cond).sample
+    b, c, h, w = x.shape
+    tokens = x.flatten(2).transpose(1, 2)  # (B, h w, C), row-major: the pipeline's _pack_latents
+    out = model(tokens, timestep=t / 1000, img_ids=latent_ids(h, w, x.device), **cond).sample
+    return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def latent_ids(h, w, device):
+    """FLUX.2's RoPE positions of an h x w grid of latent tokens: (h w, 4), rows (0, row, column, 0)."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    zero = torch.zeros_like(rows)
+    return torch.stack([zero, rows, cols, zero], dim=-1).flatten(0, 1)
+
+
 def repeat_cond(cond, n):
     """Repeat every tensor of cond n times along the batch (B -> nB), e.g. one prompt for winner and loser."""
     return {k: repeat_cond(v, n) if isinstance(v, dict) else v.repeat(n, *[1] * (v.dim() - 1)) for k, v in cond.items()}
@@ -344,8 +490,40 @@ def encode_images(vae, pixels, generator=None, chunk=8):
     out = []
     for i, x in zip(range(0, len(pixels), chunk), pixels.split(chunk)):
         dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        if is_flux2_vae(vae):  # the posterior's mode, as Flux2KleinPipeline and diffusers' klein LoRA script take it
+            out.append(dist.mode().float())
+            continue
         out.append(dist.sample(generator=generator[i:i + chunk] if isinstance(generator, list) else generator).float())
+    if is_flux2_vae(vae):
+        return _flux2_normalise(vae, torch.cat(out))
     return (torch.cat(out) - _shift(vae)) * vae.config.scaling_factor
+
+
+def is_flux2_vae(vae):
+    """FLUX.2's VAE normalises its (patchified) latents by batch-norm statistics, not by a scaling factor."""
+    return hasattr(vae, "bn")
+
+
+def _flux2_bn(vae, z):
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, torch.float32)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).to(z.device, torch.float32) + vae.config.batch_norm_eps)
+    return mean, std
+
+
+def _flux2_normalise(vae, z):
+    """(N, C, H/8, W/8) -> (N, 4C, H/16, W/16): 2x2 patches into channels (channel-major, as the pipeline's
+    _patchify_latents), then (z - mean) / std by the VAE's batch-norm statistics."""
+    n, c, h, w = z.shape
+    z = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+    mean, std = _flux2_bn(vae, z)
+    return (z - mean) / std
+
+
+def _flux2_denormalise(vae, z):
+    mean, std = _flux2_bn(vae, z)
+    z = z.float() * std + mean
+    n, c4, h, w = z.shape
+    return z.view(n, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c4 // 4, 2 * h, 2 * w)
 
 
 def _shift(vae):
@@ -383,20 +561,24 @@ def latent_encoder(vae, resolution, batch_size=8):
         digest.update(name.encode())
         digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = vae.config.latent_channels
+    if is_flux2_vae(vae):  # patchified 2 x 2
+        factor, channels = 2 * factor, 4 * channels
 
     def encode(pixels, seeds):
         return encode_images(vae, pixels, [torch.Generator(vae.device).manual_seed(s) for s in seeds], chunk=batch_size)
 
-    return {"encode": encode, "latent_shape": (vae.config.latent_channels, resolution // factor, resolution // factor),
+    return {"encode": encode, "latent_shape": (channels, resolution // factor, resolution // factor),
             "encoder_key": {"vae": digest.hexdigest(), "dtype": str(vae.dtype),
-                            "scaling_factor": vae.config.scaling_factor, "shift_factor": _shift(vae)}}
+                            "scaling_factor": getattr(vae.config, "scaling_factor", None), "shift_factor": _shift(vae)}}
 
 
 @torch.no_grad()
 def decode_latents(vae, latents, chunk=8):
     """Latents (scaled) -> pixels in [-1, 1], (N, 3, H, W) fp32: undoes the scaling (and shift) first."""
-    out = [vae.decode(z.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + _shift(vae)).sample.float()
-           for z in latents.split(chunk)]
+    unscale = ((lambda z: _flux2_denormalise(vae, z)) if is_flux2_vae(vae) else
+               (lambda z: z / vae.config.scaling_factor + _shift(vae)))
+    out = [vae.decode(unscale(z).to(device=vae.device, dtype=vae.dtype)).sample.float() for z in latents.split(chunk)]
     return torch.cat(out).clamp(-1, 1)
 
 
@@ -410,6 +592,9 @@ def add_lora(unet, rank=64):
     from peft import LoraConfig
 
     targets = LORA_TARGETS_SD3 if _prefix(unet) == "transformer" else LORA_TARGETS
+    if hasattr(unet, "single_transformer_blocks"):  # FLUX.2
+        targets = LORA_TARGETS_FLUX2 + [f"single_transformer_blocks.{i}.attn.to_out"
+                                        for i in range(len(unet.single_transformer_blocks))]
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     for p in params.values():
@@ -453,9 +638,11 @@ def load_data(path, what):
 
 def save_lora(unet, out_dir):
     """Write OUT_DIR/pytorch_lora_weights.safetensors, loadable by pipe.load_lora_weights(out_dir)."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    if _prefix(unet) == "transformer":  # "transformer." + diffusers names, as StableDiffusion3Pipeline reads them
+    if hasattr(unet, "single_transformer_blocks"):  # "transformer." + PEFT names, as Flux2KleinPipeline reads them
+        Flux2KleinPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict(unet))
+    elif _prefix(unet) == "transformer":  # "transformer." + diffusers names, as StableDiffusion3Pipeline reads them
         StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict(unet))
     else:  # the SD1.5 and SDXL pipelines write and read U-Net LoRA keys alike ("unet." + diffusers names)
         StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet))
@@ -506,8 +693,9 @@ def load_lora(unet, lora_dir, adapter_name="default"):
 # Sampling: prompts -> paired image folders
 
 # SD3: the SD3.5 Medium model card's guidance (4.5); its 40 steps are the protocols' steps here.
+# FLUX.2 [klein] base: Flux2KleinPipeline's defaults (guidance 4.0 with a negative "" prompt, 50 steps).
 DEFAULTS = {"sd15": dict(guidance_scale=7.5, steps=50), "sdxl": dict(guidance_scale=5.0, steps=50),
-            "sd3": dict(guidance_scale=4.5, steps=40)}
+            "sd3": dict(guidance_scale=4.5, steps=40), "flux2": dict(guidance_scale=4.0, steps=50)}
 # Published evaluation protocols. guidance None: the model's default above. The NCP paper gives neither sampler nor
 # steps nor guidance, only one image per prompt and the same seeds for both models (NCP.md section 6); its entry is
 # this repository's default. SPO's (and LPO's) table: DDIM, 20 steps, guidance 5.0, 4 images per prompt.
@@ -645,9 +833,9 @@ def sampling_pipeline(models, scheduler="euler"):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     pipe = make_pipeline(models)
-    if models.kind == "sd3":
+    if models.kind in ("sd3", "flux2"):
         if scheduler != "euler":
-            raise ValueError(f"SD3 samples with its flow-matching Euler scheduler, not {scheduler}")
+            raise ValueError(f"{models.kind.upper()} samples with its flow-matching Euler scheduler, not {scheduler}")
         pipe.scheduler = type(models.scheduler).from_config(models.scheduler.config)
     else:
         pipe.scheduler = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[scheduler].from_config(
@@ -659,12 +847,14 @@ def sampling_pipeline(models, scheduler="euler"):
 @torch.no_grad()
 def text_length(models):
     """The pipeline call's T5 length for SD3, the one training encodes with (none for the others)."""
-    return {"max_sequence_length": models.text_tokens} if models.kind == "sd3" else {}
+    return {"max_sequence_length": models.text_tokens} if models.kind in ("sd3", "flux2") else {}
 
 
 def lora_scale(models, scale):
-    """The pipeline call's keyword argument that scales a LoRA: SD3's joint_attention_kwargs, else cross_...'s."""
-    return {("joint" if models.kind == "sd3" else "cross") + "_attention_kwargs": {"scale": scale}}
+    """The pipeline call's keyword argument that scales a LoRA: SD3's joint_attention_kwargs, FLUX.2's
+    attention_kwargs, else cross_attention_kwargs."""
+    name = {"sd3": "joint_attention_kwargs", "flux2": "attention_kwargs"}.get(models.kind, "cross_attention_kwargs")
+    return {name: {"scale": scale}}
 
 
 def validation_grid(models, prompts, resolution, seed=0, steps=20):
@@ -672,7 +862,7 @@ def validation_grid(models, prompts, resolution, seed=0, steps=20):
     view of a run. It draws from its own generators only, so the training's random state is left as it was."""
     pipe = sampling_pipeline(models)
     device = models.unet.device
-    images = [pipe(prompt, num_inference_steps=steps, guidance_scale=DEFAULTS[models.kind]["guidance_scale"],
+    images = [pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=DEFAULTS[models.kind]["guidance_scale"],
                    height=resolution, width=resolution, **text_length(models),
                    generator=torch.Generator(device).manual_seed(image_seed(seed, i, 0))).images[0]
               for i, prompt in enumerate(prompts)]
@@ -772,9 +962,9 @@ def main(args):
         if not 0 <= args.seed < 2**32:
             raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
         run.check_output(args.out, "--out")
-        if kind == "sd3" and PROTOCOLS[args.protocol]["scheduler"] != "euler":
-            raise ValueError(f"--protocol {args.protocol} samples with {PROTOCOLS[args.protocol]['scheduler']}; SD3 "
-                             "samples with its flow-matching Euler scheduler (--protocol ncp)")
+        if kind in ("sd3", "flux2") and PROTOCOLS[args.protocol]["scheduler"] != "euler":
+            raise ValueError(f"--protocol {args.protocol} samples with {PROTOCOLS[args.protocol]['scheduler']}; "
+                             f"{kind.upper()} samples with its flow-matching Euler scheduler (--protocol ncp)")
         if args.lora:
             check_lora(args.lora)
         prompts = read_prompts(args.prompts, args.data)
@@ -830,7 +1020,7 @@ def main(args):
     bar = tqdm(total=len(mine) * k, disable=rank != 0, desc="sampling", unit="image")
     for start in range(0, len(mine), args.batch_size):
         chunk = mine[start:start + args.batch_size]
-        images = pipe([prompts[i] for i in chunk], num_inference_steps=protocol["steps"],
+        images = pipe(prompt=[prompts[i] for i in chunk], num_inference_steps=protocol["steps"],
                       guidance_scale=protocol["guidance_scale"], num_images_per_prompt=k, **size,
                       generator=[torch.Generator(device).manual_seed(image_seed(args.seed, i, j))
                                  for i in chunk for j in range(k)],  # the pipeline's order: prompt-major

@@ -4,6 +4,7 @@
     python benchmarks/precision.py --arch sd15 --latent-size 32 --pairs 16            # SD1.5 architecture, random
     python benchmarks/precision.py --arch sdxl --latent-size 32 --pairs 8             # SDXL architecture, random
     python benchmarks/precision.py --model benchmarks/results/toy_sd3/base --data toy --latent-size 16  # the SD3 toy
+    python benchmarks/precision.py --model tiny-flux2 --latent-size 8      # FLUX.2 [klein]-like, random weights
 
 Every path runs the same pairs (x0, t, noise, z, prompt) the way ncp_dpo.py does: the frozen weights in the path's
 dtype under autocast, an fp32 LoRA that differs from the base (a random non-zero lora_B, so the policy is not the
@@ -105,7 +106,8 @@ def make_inputs(args, models, device):
 
 def _select(cond, rows, dtype):
     """Rows of every tensor of cond, in the path's dtype (as its text encoders would give them)."""
-    return {k: _select(v, rows, dtype) if isinstance(v, dict) else v[rows].to(dtype) for k, v in cond.items()}
+    return {k: _select(v, rows, dtype) if isinstance(v, dict) else
+            v[rows].to(dtype) if v.is_floating_point() else v[rows] for k, v in cond.items()}  # positions stay ints
 
 
 def run_path(models, lora, inputs, dtype, method, beta, micro):
@@ -126,9 +128,9 @@ def run_path(models, lora, inputs, dtype, method, beta, micro):
         else:
             x_t = scheduler.add_noise(x0, noise, t)
         with autocast:
-            pred = unet(x_t, timestep=t, **cond).sample
+            pred = sample.denoise(unet, x_t, t, cond)
             with torch.no_grad(), encoder.base_weights(unet):
-                ref_pred = unet(x_t, timestep=t, **cond).sample
+                ref_pred = sample.denoise(unet, x_t, t, cond)
             errors = {"latent": (encoder.latent_error(pred, noise), encoder.latent_error(ref_pred, noise))}
             # The encoder's cost: e^NCP of both predictions and its backward into pred, timed and FLOP-counted.
             start_time = time.perf_counter()

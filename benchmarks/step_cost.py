@@ -7,6 +7,7 @@
     python benchmarks/step_cost.py --arch sdxl --resolution 512 --micro-batch-size 1 --steps 1 --only dpo-latent dpo-ncp
                                                                 # SDXL on a CPU with 24 GB: 1024 px does not fit in fp32
     python benchmarks/step_cost.py --arch sd35-medium           # SD3.5 Medium at 1024 px: FLOPs on the meta device
+    python benchmarks/step_cost.py --arch flux2-klein-4b        # FLUX.2 [klein] 4B at 1024 px: the same
 
 Runs the training scripts themselves, one after another in this one invocation, with the same model, batch
 and precision, on the same synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
@@ -128,26 +129,20 @@ SD35 = {  # the transformers' configs of stabilityai/stable-diffusion-3.5-medium
                        dual_attention_layers=())}
 
 
-def flow_costs(arch, resolution=1024, pairs=1, step_back=1):
-    """FLOPs of SD3.5's parts and of one NCP-DPO and one latent Flow-DPO step, counted on the meta device (shapes
-    only: the 8B-parameter Large and T5-XXL need no memory). The step is ncp_dpo.py's objective block as written:
-    the policy's forward, the reference's forward without grad, the errors (latent, or the encoder's JVP in bf16's
-    method), the loss and its backward into the LoRA; plus the text encoders and the VAE's encoder, which both
-    spaces run alike. One image's transformer forward and the encoder's share of it, for K = a third of the blocks.
-    Returns a dict of TFLOP figures."""
+# FLUX.2 [klein] base 4B and 9B: their transformers' configs (the rest of Flux2Transformer2DModel's defaults are
+# theirs: 128 input channels, head width 128, RoPE axes 4 x 32, no guidance embedding) and their Qwen3 text encoders
+# (Qwen3-4B and Qwen3-8B).
+FLUX2 = {"flux2-klein-4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                                text=dict(hidden_size=2560, intermediate_size=9728)),
+         "flux2-klein-9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+                                text=dict(hidden_size=4096, intermediate_size=12288))}
+
+
+def _sd3_parts(arch, n, size, pairs):
+    """SD3.5 on the meta device: (transformer, text encoders' forward, VAE, x0, cond, scheduler)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    import encoder
-    import ncp_dpo
-
-    def count(fn):
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops() / 1e12
-
-    n, size = 2 * pairs, resolution // 8
     with torch.device("meta"):
         model = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
                                       attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048,
@@ -164,27 +159,77 @@ def flow_costs(arch, resolution=1024, pairs=1, step_back=1):
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             use_quant_conv=False, use_post_quant_conv=False)
-        model.requires_grad_(False)
-        sample.add_lora(model, rank=64)
         x0 = torch.randn(n, 16, size, size)
         cond = {"encoder_hidden_states": torch.randn(n, 77 + sample.T5_TOKENS, 4096),
                 "pooled_projections": torch.randn(n, 2048)}
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    def text():
+        for encoder, length in zip(encoders, (77, 77, sample.T5_TOKENS)):
+            encoder(torch.zeros(pairs, length, dtype=torch.long, device="meta"))
+
+    return model, text, vae, x0, cond, FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _flux2_parts(arch, n, size, pairs):
+    """FLUX.2 [klein] on the meta device: (transformer, the Qwen3's forward, VAE, x0, cond, scheduler)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = dict(FLUX2[arch])
+    text_config = config.pop("text")
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(guidance_embeds=False, **config)
+        qwen = Qwen3Model(Qwen3Config(vocab_size=151936, num_hidden_layers=36, num_attention_heads=32,
+                                      num_key_value_heads=8, head_dim=128, **text_config))
+        vae = AutoencoderKLFlux2()  # its defaults are the model's: 32 latent channels, 4 levels
+        x0 = torch.randn(n, 128, size // 2, size // 2)  # patchified 2 x 2
+        cond = {"encoder_hidden_states": torch.randn(n, sample.FLUX2_TOKENS, config["joint_attention_dim"]),
+                "txt_ids": torch.zeros(n, sample.FLUX2_TOKENS, 4, dtype=torch.long)}
+
+    def text():
+        qwen(input_ids=torch.zeros(pairs, sample.FLUX2_TOKENS, dtype=torch.long, device="meta"),
+             output_hidden_states=True)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    return model, text, vae, x0, cond, scheduler
+
+
+def flow_costs(arch, resolution=1024, pairs=1, step_back=1):
+    """FLOPs of SD3.5's or FLUX.2 [klein]'s parts and of one NCP-DPO and one latent Flow-DPO step, counted on the
+    meta device (shapes only: the 8B-parameter SD3.5 Large, T5-XXL or Qwen3-8B need no memory). The step is ncp_dpo.py's objective block as written:
+    the policy's forward, the reference's forward without grad, the errors (latent, or the encoder's JVP in bf16's
+    method), the loss and its backward into the LoRA; plus the text encoders and the VAE's encoder, which both
+    spaces run alike. One image's transformer forward and the encoder's share of it, for K = a third of the blocks.
+    Returns a dict of TFLOP figures."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import encoder
+    import ncp_dpo
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e12
+
+    n, size = 2 * pairs, resolution // 8
+    model, text_forward, vae, x0, cond, scheduler = (_flux2_parts if arch in FLUX2 else _sd3_parts)(arch, n, size,
+                                                                                                   pairs)
+    with torch.device("meta"):
+        model.requires_grad_(False)
+        sample.add_lora(model, rank=64)
     scheduler.timesteps, scheduler.sigmas = scheduler.timesteps.to("meta"), scheduler.sigmas.to("meta")
     x_t, t, target, _ = encoder.noised(scheduler, x0, pairs, None)
     one = {k: v[:1] for k, v in cond.items()}
     with torch.no_grad():
-        text = count(lambda: [encoders[0](torch.zeros(pairs, 77, dtype=torch.long, device="meta")),
-                              encoders[1](torch.zeros(pairs, 77, dtype=torch.long, device="meta")),
-                              encoders[2](torch.zeros(pairs, sample.T5_TOKENS, dtype=torch.long, device="meta"))])
+        text = count(text_forward)
         images = count(lambda: vae.encode(torch.randn(n, 3, resolution, resolution, device="meta")))
-        forward = count(lambda: model(x_t[:1], timestep=t[:1], **one))
+        forward = count(lambda: sample.denoise(model, x_t[:1], t[:1], one))
         encode = count(lambda: encoder.down_stack(model, x_t[:1], t[:1], one, "third"))
 
     def step(space):
-        pred = model(x_t, timestep=t, **cond).sample
+        pred = sample.denoise(model, x_t, t, cond)
         with torch.no_grad(), encoder.base_weights(model):
-            ref_pred = model(x_t, timestep=t, **cond).sample
+            ref_pred = sample.denoise(model, x_t, t, cond)
         if space == "latent":
             err, ref_err = encoder.latent_error(pred, target), encoder.latent_error(ref_pred, target)
         else:
@@ -195,7 +240,8 @@ def flow_costs(arch, resolution=1024, pairs=1, step_back=1):
         loss.backward()
 
     steps = {space: count(lambda: step(space)) for space in ("latent", "ncp")}
-    return {"arch": arch, "resolution": resolution, "pairs": pairs, "blocks": len(model.transformer_blocks),
+    blocks = len(model.transformer_blocks) + len(getattr(model, "single_transformer_blocks", []))
+    return {"arch": arch, "resolution": resolution, "pairs": pairs, "blocks": blocks,
             "encoder_blocks": encoder.blocks_of(model, "third"), "transformer_forward_tflops": forward,
             "encoder_share": encode / forward, "text_encoders_tflops": text, "vae_encode_tflops": images,
             "dpo_latent_tflops": steps["latent"] + text + images, "dpo_ncp_tflops": steps["ncp"] + text + images,
@@ -248,8 +294,8 @@ def peak_tflops():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="any --model the training scripts take")
-    p.add_argument("--arch", choices=["sd15", "sdxl", *SD35], help="instead of --model: the real architecture, random "
-                   "weights; sd35-*: FLOPs only, on the meta device (flow_costs)")
+    p.add_argument("--arch", choices=["sd15", "sdxl", *SD35, *FLUX2], help="instead of --model: the real "
+                   "architecture, random weights; sd35-*, flux2-*: FLOPs only, on the meta device (flow_costs)")
     p.add_argument("--steps", type=int, default=20, help="warm-up steps, then as many timed steps")
     p.add_argument("--resolution", type=int, help="pixels (default: the model's, 512 for sd15, 1024 for sdxl)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per step (one micro-batch, one rank)")
@@ -274,12 +320,12 @@ def main():
     peak = args.peak_tflops or (peak_tflops() if cuda else None)
     rows = [(f"{o}-{s}", SCRIPTS[o], s, []) for o in SCRIPTS for s in ("latent", "ncp")]
     results, share = {}, None
-    if args.arch in SD35:
+    if args.arch in SD35 or args.arch in FLUX2:
         costs = flow_costs(args.arch, args.resolution or 1024, args.micro_batch_size)
         print(json.dumps(costs, indent=1))
         print(f"\n{args.arch} at {costs['resolution']} px, {costs['pairs']} pair(s) a step: NCP-DPO "
               f"{costs['dpo_ncp_tflops']:.1f} TFLOP, latent Flow-DPO {costs['dpo_latent_tflops']:.1f} TFLOP, ratio "
-              f"{costs['ncp_over_latent']:.2f}; the encoder ({costs['encoder_blocks']} of {costs['blocks']} joint "
+              f"{costs['ncp_over_latent']:.2f}; the encoder ({costs['encoder_blocks']} of {costs['blocks']} transformer "
               f"blocks) is {costs['encoder_share']:.1%} of a transformer forward")
         if args.out:
             with open(args.out, "w") as f:

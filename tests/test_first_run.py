@@ -69,8 +69,13 @@ def test_every_entry_point_is_quiet(tmp_path, scorer_dir):  # noqa: F811
 
 
 def test_the_tiny_preset_runs_under_torchrun_on_two_processes(tmp_path):
-    out = run(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              os.path.join(ROOT, "ncp_dpo.py"), "--model", "tiny", "--data", "synthetic", "--max-steps", "1")
+    cmd, environ = launch.for_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", os.path.join(ROOT, "ncp_dpo.py"), "--model", "tiny",
+                                        "--data", "synthetic", "--max-steps", "1"], env())
+    proc = subprocess.run(cmd, cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = proc.stdout
     assert "world 2 x micro 4 x accum 1 = 8 pairs/step" in out and "done: step 1" in out
 
 
@@ -79,10 +84,11 @@ def test_help_shows_every_default(capsys):
         ncp_dpo.parse_args(["--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, some inside hyphenated words
     for shown in ["(default: sdxl)", "(default: train)", "(default: 0)", "(default: 250)", "(default: 10)",
-                  "(default: sd15 5.12e-06, sdxl 5.12e-06, sd3 5.12e-06, tiny 0.001)",
-                  "(default: sd15 512, sdxl 512, sd3 512, tiny 8)",
-                  "(default: sd15 absolute-winners, sdxl absolute-winners, sd3 absolute-winners, tiny none)",
-                  "(default: 2500.0)", "cores per rank less one, at most 4", "(default: sd15 mid, sdxl down, sd3 third)",
+                  "(default: sd15 5.12e-06, sdxl 5.12e-06, sd3 5.12e-06, flux2 5.12e-06, tiny 0.001)",
+                  "(default: sd15 512, sdxl 512, sd3 512, flux2 512, tiny 8)",
+                  "(default: sd15 absolute-winners, sdxl absolute-winners, sd3 absolute-winners, flux2 "
+                  "absolute-winners, tiny none)", "(default: 2500.0)", "cores per rank less one, at most 4",
+                  "(default: sd15 mid, sdxl down, sd3 third, flux2 third)",
                   "--step-back STEP_BACK", "(default: 1;", "--t5, --no-t5"]:
         assert "".join(shown.split()) in text, shown
     args = run_py.fill_defaults(ncp_dpo.parse_args(["--model", "sd15"]), run_py.PAPER_PRESETS, "sd15", "dpo")
@@ -271,3 +277,15 @@ def test_plot_metrics_overlays_runs(tmp_path):
     assert blue > 200 and orange > 200  # both runs drawn
     with pytest.raises(SystemExit, match="has no metrics.jsonl"):
         plot_metrics.main([str(tmp_path), "--out", str(out)])
+
+
+def test_a_named_models_first_download_is_announced_with_its_size(monkeypatch, capsys):
+    """`python ncp_dpo.py` with no flags starts SDXL's download: one line first says what and how much; a tiny model
+    and an offline run say nothing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    sample._announce_download(sample.SDXL)  # the tests' hub cache is empty
+    sample._announce_download("tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sample._announce_download(sample.FLUX2_KLEIN_4B)
+    assert capsys.readouterr().out.splitlines() == [
+        "model: downloading stabilityai/stable-diffusion-xl-base-1.0 (about 14 GB) into the Hugging Face cache, once"]

@@ -112,7 +112,8 @@ def test_local_pipeline_dir_loads_with_its_kind(models, tmp_path):
 
 def test_bad_models_fail_with_what_was_expected(tmp_path):
     with pytest.raises(sample.ModelError,
-                       match="unknown --model .sd-15.*sd15, sdxl, sd35-medium, sd35-large, tiny, tiny-sdxl, tiny-sd3"):
+                       match="unknown --model .sd-15.*sd15, sdxl, sd35-medium, sd35-large, flux2-klein-4b, "
+                             "flux2-klein-9b, tiny, tiny-sdxl, tiny-sd3, tiny-flux2"):
         sample.resolve_model("sd-15")
     (tmp_path / "weights.bin").write_text("x")
     with pytest.raises(sample.ModelError, match="not a diffusers pipeline.*weights.bin"):
