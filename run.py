@@ -627,7 +627,21 @@ def logger(path):
 
 CONSOLE_FIRST = ["step", "loss", "accuracy", "margin", "beta_margin_p50", "saturated", "grad_norm", "lr", "pairs_per_s",
                  "peak_mem_gib"]
-CONSOLE_HIDDEN = {"e_w", "e_l", "ref_e_w", "ref_e_l", "beta_margin_p10", "beta_margin_p90", "step_time"}
+CONSOLE_HIDDEN = {"e_w", "e_l", "ref_e_w", "ref_e_l", "beta_margin_p10", "beta_margin_p90", "step_time",
+                  "winner_error_ratio"}
+# A DPO run's winner error over the reference's. On the U-Net toy, latent DPO runs that learned (betas 2.5 to 250,
+# 100 steps) ended at 1.09-1.17: the winner's error rises a little as the loser's rises more. Twice the reference's
+# is far past that: the collapse users report for Diffusion-DPO on flow models, which the falling loss hides.
+WINNER_ERROR_WARN = 2.0
+
+
+def winner_warning(ratio, step):
+    """One line when the policy's winner error passes WINNER_ERROR_WARN times the reference's, else None."""
+    if ratio > WINNER_ERROR_WARN:
+        return (f"warning: at step {step} the policy's error on the preferred images is {ratio:.2f}x the reference's "
+                f"(winner_error_ratio in metrics.jsonl): the loss can fall while the model collapses; a lower --lr "
+                "or --beta, or an earlier checkpoint, is the usual way out")
+    return None
 COUNTERS = {"skipped_pairs", "converted_images", "nonfinite_steps"}  # on the console only when not zero
 
 
@@ -856,6 +870,7 @@ class Run:
         self.window, self.window_steps, self.window_start = {}, 0, time.time()  # metrics summed since the last log
         self.data_counts = torch.zeros(2, dtype=torch.float64)  # this rank's skipped pairs and converted images
         self.stopping = 0  # the signal that stopped the run (0: none)
+        self.winner_warned = False  # winner_warning is said once a process
         if self.master and validation and ckpt is None:
             self._validate()
         self.bar = tqdm(total=args.max_steps, initial=self.step, disable=not self.master,
@@ -954,6 +969,12 @@ class Run:
         self.totals["skipped_pairs"] += skipped
         self.totals["converted_images"] += converted
         elapsed = (time.time() - self.window_start) / self.window_steps
+        if means.get("ref_e_w"):  # DPO: the policy's winner error against the reference's (winner_warning)
+            means["winner_error_ratio"] = means["e_w"] / means["ref_e_w"]
+            warning = None if self.winner_warned else winner_warning(means["winner_error_ratio"], self.step)
+            if warning:
+                self.winner_warned = True
+                self.print0(warning)
         record = {"step": self.step, **means, "lr": self.lr, "step_time": elapsed,
                   "pairs_per_s": args.global_batch_size / elapsed, "peak_mem_gib": peak_memory(self.cuda),
                   **self.totals}

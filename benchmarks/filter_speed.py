@@ -60,6 +60,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000, help="rows of generated metadata")
     p.add_argument("--shards", type=int, default=690, help="number of parquet shards (the train split has ~690)")
+    p.add_argument("--out", help="write the result, with the machine, as JSON here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -73,6 +74,14 @@ def main():
     print(f"{args.rows} rows in {args.shards} shards, one core: {result['seconds']} s, "
           f"peak memory {result['peak_rss_gib']} GiB")
     print(json.dumps(result))
+    if args.out:
+        import platform
+
+        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "cores_used": 1,
+                   "python": platform.python_version()}
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "args": {"rows": args.rows, "shards": args.shards}, "result": result}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

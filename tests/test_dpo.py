@@ -253,3 +253,12 @@ def test_fp16_ncp_dpo_gets_a_gradient_at_step_one_and_moves_the_lora(tmp_path):
     assert records[0]["step"] == 1 and records[0]["grad_norm"] > 0
     assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in records)
     assert sum(v.float().abs().sum().item() for k, v in lora(tmp_path).items() if k.endswith(("lora_B.weight", "lora.up.weight"))) > 0
+
+
+def test_the_winner_error_guard_is_logged_and_warns_once_past_twice_the_reference(straight):
+    """winner_error_ratio = e_w / ref_e_w each window (1 before the first update); the warning names the step."""
+    rows = metrics(straight)
+    assert all(math.isclose(r["winner_error_ratio"], r["e_w"] / r["ref_e_w"], rel_tol=1e-6) for r in rows)
+    assert rows[0]["winner_error_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert run.winner_warning(1.5, 7) is None
+    assert run.winner_warning(2.5, 7).startswith("warning: at step 7 the policy's error on the preferred images is 2.50x")
