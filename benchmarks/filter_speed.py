@@ -2,8 +2,8 @@
 
     python benchmarks/filter_speed.py --rows 1000000
 
-Writes a metadata-only shard set (no image columns, like pickapic_v2_no_images) of --rows rows in --shards
-shards, with Pick-a-Pic-like statistics (UUID strings, images recurring across pairs, about 11% ties), then
+Writes a shard set of --rows rows in --shards shards, Pick-a-Pic v2's columns with empty image cells (the
+filter reads the metadata columns only, never the images'), with Pick-a-Pic-like statistics (UUID strings, images recurring across pairs, about 11% ties), then
 runs data.preference_pairs(..., filter="absolute-winners") in a fresh process pinned to one thread and
 reports wall time and peak resident memory of that process.
 """
@@ -38,7 +38,8 @@ def write_metadata(out_dir, rows, shards, seed=0):
         table = pa.table({"caption": captions[rng.integers(0, n_prompts, n)], "image_0_uid": uids[a],
                           "image_1_uid": uids[b], "label_0": label, "label_1": 1 - label,
                           "has_label": np.ones(n, bool), "are_different": rng.random(n) > 0.01,
-                          "ranking_id": idx, "user_id": rng.integers(0, 10000, n)})
+                          "ranking_id": idx, "user_id": rng.integers(0, 10000, n),
+                          "jpg_0": pa.array([b""] * n, pa.binary()), "jpg_1": pa.array([b""] * n, pa.binary())})
         pq.write_table(table, os.path.join(out_dir, f"train-{s:05d}-of-{shards:05d}.parquet"))
 
 

@@ -136,3 +136,14 @@ def test_precision_benchmark_on_tiny_sd3():
     assert jvp["ncp"]["e_rel_median"] < 0.05 and jvp["ncp"]["grad_cosine"] > 0.99
     assert direct["ncp"]["e_rel_median"] > 0.5 and direct["ncp"]["grad_cosine"] < 0.95
     assert jvp["latent"] == direct["latent"] and results["fp32"]["latent"]["e_median"] > 1  # velocity errors: ~2
+
+
+def test_filter_speed_filters_a_generated_table_without_its_images(tmp_path):
+    out = tmp_path / "filter.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "filter_speed.py"), "--rows", "3000", "--shards", "4",
+           "--out", str(out)]
+    proc = launch.python(cmd, {**env(), "TMPDIR": str(tmp_path)}, ROOT, 600, merge=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["result"]
+    assert result["format"] == "pickapic" and result["rows"] == 3000 and result["seconds"] > 0
+    assert 0 < result["pairs"] < 3000 and result["ties"] > 0  # the filter kept some pairs and dropped the ties
