@@ -77,7 +77,9 @@ def disc_stats(pixels, colors):
 
 def pretrain(out, seed, vae_steps, unet_steps, log, kind="sd15"):
     """kind sd15: a U-Net trained on DDPM's noise prediction; sd3: tiny-sd3's transformer (MMDiT) trained on rectified
-    flow's velocity, with s drawn as SD3 trains (encoder.noised), and its VAE's shift and scale set from the data."""
+    flow's velocity, with s drawn as SD3 trains (encoder.noised), and its VAE's shift and scale set from the data;
+    flux2: tiny-flux2's transformer trained the same way, its VAE's batch-norm statistics (of the patchified
+    latents) set from the data."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     colors = [rng.choice(list(COLORS)) for _ in range(4096)]
@@ -100,6 +102,12 @@ def pretrain(out, seed, vae_steps, unet_steps, log, kind="sd15"):
         recon = torch.cat([vae.decode(m).sample for m in means[:256].split(64)]).clamp(-1, 1)
     if kind == "sd3":  # SD3's VAE config has a shift: latents = (z - shift) * scale
         vae.register_to_config(shift_factor=float(means.mean()), scaling_factor=float(1 / means.std()))
+    elif kind == "flux2":  # FLUX.2's: the patchified latents' per-channel statistics, as its batch norm keeps them
+        vae.bn.running_mean.fill_(0.0)
+        vae.bn.running_var.fill_(1.0 - vae.config.batch_norm_eps)
+        patches = sample._flux2_normalise(vae, means)  # with mean 0 and std 1: patchified only
+        vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
+        vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)) - vae.config.batch_norm_eps)
     else:
         vae.register_to_config(scaling_factor=float(1 / means.std()))
     r_true, _ = disc_stats(pixels[:256], colors[:256])
@@ -108,7 +116,8 @@ def pretrain(out, seed, vae_steps, unet_steps, log, kind="sd15"):
                   "colour_right": right.float().mean().item()}
     log(f"vae: {vae_report}")
 
-    latents = (means - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    latents = (sample._flux2_normalise(vae, means) if kind == "flux2" else
+               (means - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor)
     prompts = [f"a {c} circle" for c in COLORS]
     for module in models.text_encoders:
         module.eval()
@@ -120,13 +129,13 @@ def pretrain(out, seed, vae_steps, unet_steps, log, kind="sd15"):
     for step in range(unet_steps):
         idx = torch.randint(0, len(latents), (32,))
         cond = {k: v[which[idx]] for k, v in text.items()}
-        if kind == "sd3":  # the flow's velocity, s drawn as SD3 trains
+        if kind in ("sd3", "flux2"):  # the flow's velocity, s drawn as SD3 trains
             x_t, t, target, _ = encoder.noised(sched, latents[idx], 32, None)
         else:  # DDPM's noise (these draws made the saved base in benchmarks/results/toy)
             x0, target = latents[idx], torch.randn(32, *latents.shape[1:])
             t = torch.randint(0, sched.config.num_train_timesteps, (32,))
             x_t = sched.add_noise(x0, target, t)
-        loss = F.mse_loss(unet(x_t, timestep=t, **cond).sample, target)
+        loss = F.mse_loss(sample.denoise(unet, x_t, t, cond), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,8 +182,10 @@ def sample_radius(base, lora_dir, n_per_color, seed):
         sample.load_lora(models.unet, lora_dir)
     pipe = sample.sampling_pipeline(models)
     colors = [c for c in COLORS for _ in range(n_per_color)]
-    images = pipe([f"a {c} circle" for c in colors], num_inference_steps=25, guidance_scale=1.0, output_type="pt",
-                  generator=torch.Generator().manual_seed(seed), **sample.text_length(models)).images * 2 - 1
+    size = {"height": 32, "width": 32} if models.kind == "flux2" else {}  # klein's default is its 1024 px
+    images = pipe(prompt=[f"a {c} circle" for c in colors], num_inference_steps=25, guidance_scale=1.0,
+                  output_type="pt", generator=torch.Generator().manual_seed(seed), **sample.text_length(models),
+                  **size).images * 2 - 1
     radius, right = disc_stats(images.float(), colors)
     return radius.mean().item(), right.float().mean().item(), images
 
@@ -209,7 +220,7 @@ def heldout_accuracy(base, lora_dir, folder, space, depth, seed, timesteps=(50, 
         preds = []
         for policy in (True, False):
             with encoder.base_weights(models.unet) if not policy else contextlib.nullcontext():
-                preds.append(models.unet(x_t, timestep=t, **cond).sample)
+                preds.append(sample.denoise(models.unet, x_t, t, cond))
         if space == "latent":
             e, ref = (encoder.latent_error(pred, goal) for pred in preds)
         else:  # the exact step's features once for both; the two-pass form, as the toy was measured with
@@ -276,8 +287,9 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate, every run")
     p.add_argument("--beta", type=float, default=2500.0, help="beta, every run (SFT has none)")
-    p.add_argument("--arch", choices=["sd15", "sd3"], default="sd15", help="the toy's model when it is pretrained: "
-                   "an SD1.5-like U-Net (DDPM), or tiny-sd3's MMDiT (rectified flow) (default: %(default)s)")
+    p.add_argument("--arch", choices=["sd15", "sd3", "flux2"], default="sd15", help="the toy's model when it is "
+                   "pretrained: an SD1.5-like U-Net (DDPM), tiny-sd3's MMDiT or tiny-flux2's transformer (rectified "
+                   "flow) (default: %(default)s)")
     p.add_argument("--step-back", type=int, default=1, help="SD3: the encoder's step back in grid points, every "
                    "NCP run (default: %(default)s)")
     p.add_argument("--samples-per-color", type=int, default=16, help="samples per prompt for the radius")
