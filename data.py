@@ -520,9 +520,16 @@ class OpenFiles(collections.OrderedDict):
 
 
 def load_image(data):
-    """JPEG/PNG bytes -> RGB PIL image, and whether it had to be converted from another mode (RGBA, L, CMYK)."""
+    """JPEG/PNG bytes -> RGB PIL image, and whether it had to be converted from another mode (RGBA, L, CMYK, 16-bit
+    grey). A photo's EXIF orientation is applied, as every viewer (and the rater who saw it) applies it."""
+    from PIL import ImageOps
+
     image = Image.open(io.BytesIO(data))
     image.load()  # decode now, so that a corrupt file fails here
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: its top 8 bits, not its values clipped at 255
+        grey = (np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB"), True
     if image.mode == "RGB":
         return image, False
     if image.mode in ("RGBA", "LA", "P"):  # composite transparency over white rather than black

@@ -756,8 +756,16 @@ def main(args):
         for flag, path, folder in (("--out", args.out, False), ("--markdown", args.markdown, False),
                                    ("--html", args.html, True)):
             if path:
+                inside = next((f for f in folders if os.path.realpath(path).startswith(
+                    os.path.realpath(f).rstrip(os.sep) + os.sep) or os.path.realpath(path) == os.path.realpath(f)),
+                    None)
+                if inside:  # a report written there could replace the folder's index.json or its images
+                    raise ValueError(f"{flag} {path} is inside the compared folder {inside}: write it elsewhere")
                 run.check_output(path, flag, folder)
         pairs = pair_up(folders, args.allow_protocol_mismatch)
+        if not pairs:
+            raise ValueError(f"{folders[0]} and the other folders hold no images to compare (their index.json lists "
+                             "none): sample some with sample.py")
     except ValueError as e:
         sys.exit(f"error: {e}")
     scorers = {}

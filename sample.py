@@ -682,7 +682,7 @@ def load_lora(unet, lora_dir, adapter_name="default"):
                          f"denoiser is a {want}: it was trained on another kind of model")
     try:
         unet.load_lora_adapter(lora_dir, weight_name=LORA_FILE, prefix=want, adapter_name=adapter_name)
-    except (RuntimeError, ValueError) as e:  # shapes or names of another model's U-Net
+    except (RuntimeError, ValueError, IndexError, KeyError) as e:  # shapes or names of another model's U-Net
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise ModelError(f"the LoRA in {lora_dir} does not fit this model's U-Net (trained on another one?): "
                          f"{first}") from None

@@ -145,6 +145,7 @@ SAMPLING = [
     ("truncated LoRA file", ["--lora", "truncated"], "is not a readable safetensors file"),
     ("LoRA without U-Net keys", ["--lora", "text-only"], "holds no U-Net or transformer LoRA weights"),
     ("LoRA holding NaN", ["--lora", "nan"], "holds NaN or inf (unet."),
+    ("LoRA of another U-Net's names", ["--lora", "other-names"], "does not fit this model's U-Net"),
     ("seed 2^32", ["--seed", str(2**32)], "--seed 4294967296 must be between 0 and 2^32 - 1"),
 ]
 
@@ -154,7 +155,9 @@ def test_sampling_input(tmp_path, name, flags, fragment):
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     loras = {"empty": b"", "garbage": b"garbage" * 10, "text-only": {"text_encoder.q.lora_A.weight": torch.zeros(2, 2)},
-             "nan": {"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.tensor([[0.0, float("nan")]])}}
+             "nan": {"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.tensor([[0.0, float("nan")]])},
+             "other-names": {"unet.down_blocks.99.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight":
+                             torch.zeros(2, 32)}}  # diffusers raised an IndexError on these
     if "--lora" in flags:
         kind = flags[1]
         if kind == "truncated":
@@ -197,6 +200,9 @@ EVALUATION = [
     ("index.json without files", ["index:{\"images\": [{\"prompt\": \"x\"}]}"], "index.json is not a sample.py index"),
     ("index.json of strings", ["index:{\"images\": [\"x\", \"y\"]}"], "index.json is not a sample.py index"),
     ("other seeds", ["seeds"], "were sampled with different seeds (00000_0.png: 0 and 7)"),
+    ("report inside a compared folder", ["--out", "{a}/index.json"], "--out {a}/index.json is inside the compared folder"),
+    ("page inside a compared folder", ["--html", "{a}"], "--html {a} is inside the compared folder"),
+    ("empty folders", ["index:{\"images\": []}", "empty"], "hold no images to compare"),
 ]
 
 
@@ -209,7 +215,8 @@ def test_evaluation_input(tmp_path, folders, scorer_dir, name, flags, fragment):
         truncate(b / "00001_0.png")
         given = []
     elif flags[0].startswith("index:"):  # a tampered or hand-written index
-        (b / "index.json").write_text(flags[0].removeprefix("index:"))
+        for folder in (a, b) if flags[1:] == ["empty"] else (b,):
+            (folder / "index.json").write_text(flags[0].removeprefix("index:"))
         given = []
     elif flags == ["seeds"]:  # the same prompts and names, other noise: not a paired comparison
         for folder, seed in ((a, 0), (b, 7)):

@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -176,3 +177,21 @@ def test_batch_shapes_for_training(tmp_path, kind):
     cond = sample.encode_prompt(models, batch["caption"] * 2, batch["original_sizes"].transpose(0, 1).flatten(0, 1),
                                 batch["crops_top_left"].transpose(0, 1).flatten(0, 1), [32, 32])
     assert models.unet(latents, torch.tensor([1] * 6), **cond).sample.shape == latents.shape == (6, 4, 16, 16)
+
+
+def test_a_16_bit_grey_png_keeps_its_levels_and_exif_orientation_is_applied():
+    """A 16-bit grey PNG once clipped to white above 255 (of 65535); a phone photo's EXIF orientation was ignored."""
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(buf, "PNG")
+    image, converted = data.load_image(buf.getvalue())
+    assert converted and np.asarray(image)[0, :, 0].tolist() == [0, 128, 255]
+    pixels = np.zeros((2, 4, 3), np.uint8)
+    pixels[0, 0] = 255  # the top-left corner, white
+    photo = Image.fromarray(pixels)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    photo.save(buf, "PNG", exif=exif)
+    image, converted = data.load_image(buf.getvalue())
+    assert image.size == (2, 4) and not converted
+    assert np.asarray(image)[0, 1].tolist() == [255, 255, 255]  # the white corner, now at the top right
