@@ -779,6 +779,9 @@ def main(args):
             sys.exit(f"error: cannot load the {name} scorer{where}: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}")
     prompts = [prompt for _, prompt in pairs]
+    if len(set(prompts)) < 2:  # the bootstrap resamples prompts: with one, every interval is a single point
+        print("warning: one prompt: its 95% intervals have no width and say nothing; compare over many prompts",
+              flush=True)
     report = {"folders": folders, "prompts": len(set(prompts)), "images": len(pairs),
               "protocol": read_index(folders[0])[1], "sources": {f: sampled_from(f) for f in folders}, "scorers": {}}
     all_scores = {}

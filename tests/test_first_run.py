@@ -66,6 +66,7 @@ def test_every_entry_point_is_quiet(tmp_path, scorer_dir):  # noqa: F811
     assert re.search(r"^a (beats|loses to|is not told apart from) b on PickScore: win rate \d+% \[\d+, \d+\] over 1 "
                      r"prompts, mean [+-]", outputs["evaluate.py"], re.M) and "done: step 1" in outputs["spo.py"]
     assert outputs["spm.py"].strip().endswith("a/00000_0.png")
+    assert "warning: one prompt: its 95% intervals have no width" in outputs["evaluate.py"]
 
 
 def test_the_tiny_preset_runs_under_torchrun_on_two_processes(tmp_path):
