@@ -8,7 +8,7 @@ Formats (FORMATS), told apart by what the files hold, never by their names: Pick
 copies), parquet with chosen/rejected image columns, WebDataset tars (Pick-a-Pic's members), HPDv2 and HPDv3
 JSON beside their image folders. A source is a directory, a glob, a file, or a hub dataset id (parquet only; only
 the chosen split is fetched). Every format becomes the same pairs table, with the same rules: ties, unlabeled
-rows, identical images and empty prompts are dropped and counted.
+rows (a label other than 0, 0.5 or 1 counts as none), identical images and empty prompts are dropped and counted.
 
 The filter (NCP paper, section 5, Table 2): a contradictory image, a winner in one pair and a loser or tie in
 another, adds noise to the Bradley-Terry gradient (eqs. 16-17). Only pairs whose winner is an *absolute
@@ -218,9 +218,9 @@ def preference_pairs(source, split="train", filter="none"):
     n = table.num_rows
 
     label_0 = table["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
-    labeled = ~np.isnan(label_0)
-    tie = labeled & (label_0 == 0.5)
-    decisive = labeled & ((label_0 == 0) | (label_0 == 1))
+    tie = label_0 == 0.5
+    decisive = (label_0 == 0) | (label_0 == 1)
+    labeled = tie | decisive  # NaN, or any other value (0.7, 2, -1): no label this project can read
     different = table["different"].to_numpy(zero_copy_only=False).astype(bool)
     caption = table["caption"]
     has_caption = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(caption)), 0), False)

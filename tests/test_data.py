@@ -195,3 +195,11 @@ def test_a_16_bit_grey_png_keeps_its_levels_and_exif_orientation_is_applied():
     image, converted = data.load_image(buf.getvalue())
     assert image.size == (2, 4) and not converted
     assert np.asarray(image)[0, 1].tolist() == [255, 255, 255]  # the white corner, now at the top right
+
+
+def test_labels_other_than_0_half_and_1_are_counted_as_unlabeled(tmp_path):
+    """A label of 0.7 or 2 (a copy that rescaled them) once vanished from every count."""
+    write_rows(tmp_path / "train-00000-of-00001.parquet",
+               [("p1", "A", "B", 1), ("p1", "C", "D", 0.7), ("p2", "E", "F", 2.0), ("p2", "G", "H", float("nan"))])
+    pairs, counts = data.preference_pairs(str(tmp_path), "train")
+    assert pairs.num_rows == 1 and counts["unlabeled"] == 3 and counts["ties"] == 0
