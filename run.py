@@ -423,21 +423,45 @@ def claim_folder(path, flag, made=None):
 SAVE_PREFIX = ".ncp-save-"  # a save's temporary folder inside the run directory (a name no user's folder has)
 
 
-class NonFiniteLoRA(ValueError):
+class RunError(ValueError):
+    """A run that cannot go on for a reason its user can act on: one line, exit 1 (run_main)."""
+
+
+class NonFiniteLoRA(RunError):
     """The LoRA holds NaN or inf (a learning rate large enough to overflow it): it is never saved."""
+
+
+class SaveError(RunError):
+    """A save that could not be written (a full disk, a quota): the previous save is kept whole."""
 
 
 def save_run(out_dir, unet, state=None):
     """Write the LoRA (diffusers' format) and the checkpoint `state` into a temporary folder, then rename each into
     OUT_DIR, the checkpoint last: a save killed between the two renames leaves the LoRA one save ahead, and the next
     --resume rewrites it from the checkpoint (start_run). state None: the LoRA only. The LoRA file gets the mode
-    every other file has (0666 less the umask; safetensors writes 0600). NonFiniteLoRA if it is not finite."""
-    import tempfile
-
+    every other file has (0666 less the umask; safetensors writes 0600). NonFiniteLoRA if it is not finite;
+    SaveError, the previous save untouched, if the disk refuses the writes."""
     bad = [n for n, p in unet.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
     if bad:
         raise NonFiniteLoRA(f"the LoRA holds NaN or inf ({len(bad)} tensors, first {bad[0]}): not saved; a lower "
                             "--lr keeps it finite")
+    from safetensors import SafetensorError
+
+    try:
+        _save(out_dir, unet, state)
+    except (OSError, RuntimeError, SafetensorError) as e:  # ENOSPC, EDQUOT; torch.save's writer says "unexpected
+        # pos" on a full disk, safetensors' "I/O error: No space left on device"
+        written = ("unexpected pos", "PytorchStreamWriter", "I/O error")
+        if not isinstance(e, OSError) and not any(s in str(e) for s in written):
+            raise  # not a write that failed
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).strip().splitlines()[-1]
+        raise SaveError(f"could not save in {out_dir} ({reason}): the previous save there is kept whole; free some "
+                        "space (or raise the quota) and --resume") from None
+
+
+def _save(out_dir, unet, state):
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix=SAVE_PREFIX, dir=out_dir) as tmp:
         sample.save_lora(unet, tmp)
         umask = os.umask(0)
@@ -599,7 +623,7 @@ def run_main(main, args):
     except data.DataError as e:  # bad data met in the loop (read in a DataLoader worker, whose traceback torch adds)
         _release()
         sys.exit(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
-    except NonFiniteLoRA as e:
+    except RunError as e:  # a LoRA that overflowed, a save that could not be written
         _release()
         sys.exit(f"error: {e}")
     except BaseException:

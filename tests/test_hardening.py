@@ -346,3 +346,51 @@ def test_major_7_paths_in_a_json_or_an_index_never_reach_outside_their_folder(tm
     (folder / "index.json").write_text(json.dumps({"images": [{"prompt": "p", "files": ["../secret.jpg"]}]}))
     with pytest.raises(ValueError, match="names 1 files outside"):
         evaluate.read_index(str(folder))
+
+
+def test_a_save_the_disk_refuses_is_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
+    """A full disk during a save: torch.save's writer said "unexpected pos" (a traceback), the LoRA writer ENOSPC.
+    Now one line naming the folder, and the save before it whole; on a real 64 KiB tmpfs too, where there is one."""
+    import errno
+
+    import torch
+
+    import run as run_py
+    import sample
+
+    unet = sample.build_tiny().unet
+    sample.add_lora(unet, rank=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    run_py.save_run(str(out), unet, {"step": 1})
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    real_save = torch.save
+
+    def full_writer(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4021")
+
+    monkeypatch.setattr(torch, "save", full_writer)
+    with pytest.raises(run_py.SaveError, match=f"could not save in {out} .*unexpected pos.*kept whole"):
+        run_py.save_run(str(out), unet, {"step": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sample, "save_lora", no_space)
+    with pytest.raises(run_py.SaveError, match=r"\(No space left on device\)"):
+        run_py.save_run(str(out), unet, {"step": 2})
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # nothing half-written, no temp
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        return  # no mount here: the two failures above are the check
+    try:
+        big = sample.build_tiny().unet
+        sample.add_lora(big, rank=64)  # about 1 MiB of LoRA: more than the disk holds
+        with pytest.raises(run_py.SaveError, match="could not save in"):
+            run_py.save_run(str(small), big, {"step": 1})
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
