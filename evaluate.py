@@ -485,6 +485,8 @@ def open_image(path):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as e:  # more pixels than PIL will decode (a crafted header): refused
+        raise ValueError(f"{path} is too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a broken file
         raise ValueError(f"{path} is not a readable image ({e}): delete it and run sample.py again") from None
 

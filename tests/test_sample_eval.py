@@ -431,3 +431,14 @@ def test_every_scorer_here_rates_a_folder_against_itself_at_half(tmp_path, score
     with pytest.raises(SystemExit, match="cannot load the nope scorer"):
         evaluate_main(tmp_path / "a", tmp_path / "b", scorer=scorer_dir, out=tmp_path / "r.json",
                       extra=["--scorers", "nope"])
+
+
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
+    """An image with more pixels than PIL decodes safely (a crafted header) was a traceback; now a ValueError
+    naming the file, which main reports in one line."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 pixels: past twice the limit, PIL refuses
+    with pytest.raises(ValueError, match="big.png is too large to decode safely"):
+        evaluate.open_image(str(tmp_path / "big.png"))
