@@ -216,6 +216,8 @@ def preference_pairs(source, split="train", filter="none"):
     else:
         table = read_metadata(fmt, paths)
     n = table.num_rows
+    if not n:
+        raise DataError(f"the {split} split of {source} has no rows ({len(paths)} files, all empty)")
 
     label_0 = table["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
     tie = label_0 == 0.5
@@ -292,8 +294,25 @@ def image_bytes(value):
     return value
 
 
+def check_types(path, schema):
+    """DataError naming the column if a Pick-a-Pic shard's caption is not text, its label not a number, or its images
+    not bytes (a copy written with other types reads as nonsense, or fails deep inside a computation)."""
+    kinds = {"caption": (pa.types.is_string, pa.types.is_large_string, "text"),
+             "label_0": (pa.types.is_floating, pa.types.is_integer, "a number"),
+             "jpg_0": (pa.types.is_binary, pa.types.is_large_binary, "image bytes"),
+             "jpg_1": (pa.types.is_binary, pa.types.is_large_binary, "image bytes")}
+    for name, (one, other, what) in kinds.items():
+        if name in schema.names:
+            kind = schema.field(name).type
+            if not (one(kind) or other(kind) or pa.types.is_null(kind) or pa.types.is_struct(kind) and "jpg" in name):
+                raise DataError(f"{path}: its column {name} holds {kind}, not {what}; this is not a Pick-a-Pic shard "
+                                "as written, convert it or move it out of the source")
+
+
 def read_pickapic(path, i):
-    t = pq.read_table(path, columns=[c for c in META if c in pq.read_schema(path).names])
+    schema = pq.read_schema(path)
+    check_types(path, schema)
+    t = pq.read_table(path, columns=[c for c in META if c in schema.names])
     n = t.num_rows
     label_0 = t["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
     label_0[~_bool_column(t, "has_label", n, default=True)] = np.nan

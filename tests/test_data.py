@@ -1,6 +1,7 @@
 """data.py: the pair table and the absolute-winner filter on hand-computed cases, bad data, sharding, resume."""
 
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -203,3 +204,19 @@ def test_labels_other_than_0_half_and_1_are_counted_as_unlabeled(tmp_path):
                [("p1", "A", "B", 1), ("p1", "C", "D", 0.7), ("p2", "E", "F", 2.0), ("p2", "G", "H", float("nan"))])
     pairs, counts = data.preference_pairs(str(tmp_path), "train")
     assert pairs.num_rows == 1 and counts["unlabeled"] == 3 and counts["ties"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"caption": pa.array([1, 2])}, "its column caption holds int64, not text"),
+    ({"jpg_0": pa.array(["x", "y"])}, "its column jpg_0 holds string, not image bytes"),
+    ({"label_0": pa.array(["abc", "1"])}, "its column label_0 holds string, not a number"),  # once blamed on truncation
+    ("empty", "has no rows (1 files, all empty)"),
+])
+def test_a_shard_of_other_types_or_no_rows_is_one_line(tmp_path, change, message):
+    columns = {"caption": pa.array(["a", "b"]), "jpg_0": pa.array([b"x", b"y"]), "jpg_1": pa.array([b"x", b"y"]),
+               "label_0": pa.array([1.0, 0.0]), "label_1": pa.array([0.0, 1.0]), "image_0_uid": pa.array(["u", "v"]),
+               "image_1_uid": pa.array(["w", "z"])}
+    table = pa.table(columns).slice(0, 0) if change == "empty" else pa.table({**columns, **change})
+    pq.write_table(table, tmp_path / "train-00000-of-00001.parquet")
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.preference_pairs(str(tmp_path), "train")
