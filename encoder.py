@@ -340,7 +340,7 @@ def _flux2_stages(model, x, t, cond, depth):
     context = model.context_embedder(cond["encoder_hidden_states"])
     n = context.shape[1]
     txt_ids = cond["txt_ids"][0] if cond["txt_ids"].dim() == 3 else cond["txt_ids"]
-    text_rope, image_rope = model.pos_embed(txt_ids), model.pos_embed(_latent_ids(x))
+    text_rope, image_rope = model.pos_embed(txt_ids), model.pos_embed(latent_ids(x))
     rope = tuple(torch.cat([a, b], dim=0) for a, b in zip(text_rope, image_rope))
 
     def embed(x):
@@ -361,8 +361,9 @@ def _flux2_stages(model, x, t, cond, depth):
     return [embed] + [partial(run, i == k - 1) for i, run in enumerate(blocks[:k])]
 
 
-def _latent_ids(x):
-    """The RoPE positions of x's latent grid (B, C, h, w): (h w, 4), as sample.latent_ids."""
+def latent_ids(x):
+    """FLUX.2's RoPE positions of x's latent grid (B, C, h, w), one token per position: (h w, 4), rows
+    (0, row, column, 0), row-major as the pipeline packs the tokens."""
     h, w = x.shape[-2:]
     rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
     zero = torch.zeros_like(rows)

@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+import data
 import run
 import sample
 
@@ -65,8 +66,7 @@ def read_index(folder, seeds=None):
     except (KeyError, TypeError, AttributeError):
         raise ValueError(f"{path} is not a sample.py index (an object with \"images\": a list of {{\"prompt\": text, "
                          "\"files\": [names]}}): make it with sample.py") from None
-    root = os.path.realpath(folder) + os.sep
-    outside = [n for n in files if not os.path.realpath(os.path.join(folder, n)).startswith(root)]
+    outside = [n for n in files if not data.inside(folder, n)]
     if outside:  # a tampered index: nothing outside the folder is read, scored or embedded in a report
         raise ValueError(f"{path} names {len(outside)} files outside {folder} (first: {outside[0]}); make it with "
                          "sample.py")
@@ -758,9 +758,8 @@ def main(args):
         for flag, path, folder in (("--out", args.out, False), ("--markdown", args.markdown, False),
                                    ("--html", args.html, True)):
             if path:
-                inside = next((f for f in folders if os.path.realpath(path).startswith(
-                    os.path.realpath(f).rstrip(os.sep) + os.sep) or os.path.realpath(path) == os.path.realpath(f)),
-                    None)
+                inside = next((f for f in folders if data.inside(f, os.path.abspath(path))
+                               or os.path.realpath(path) == os.path.realpath(f)), None)
                 if inside:  # a report written there could replace the folder's index.json or its images
                     raise ValueError(f"{flag} {path} is inside the compared folder {inside}: write it elsewhere")
                 run.check_output(path, flag, folder)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+import encoder
+
 # Messages the libraries log on every run that are known to be harmless here: silenced by logger and text alone.
 KNOWN_NOISE = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",  # a 4-bit CPU kernel this never uses
@@ -208,7 +210,8 @@ def _load_flux2(model, source, dtype):
     try:
         sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
         return Models(model, "flux2", sub(Flux2Transformer2DModel, "transformer"), sub(AutoencoderKLFlux2, "vae"),
-                      [sub(Qwen3ForCausalLM, "text_encoder")], [AutoTokenizer.from_pretrained(source, subfolder="tokenizer")],
+                      [sub(Qwen3ForCausalLM, "text_encoder")],
+                      [AutoTokenizer.from_pretrained(source, subfolder="tokenizer")],
                       FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler"),
                       text_tokens=FLUX2_TOKENS)
     except OSError as e:  # hub errors are OSErrors too; a gated repository refuses a download without its licence
@@ -303,7 +306,7 @@ def build_tiny_flux2(seed=0):
 
     torch.manual_seed(seed)
     tokenizer = _tiny_qwen_tokenizer()
-    encoder = Qwen3ForCausalLM(Qwen3Config(
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=max(QWEN3_LAYERS),
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True))
@@ -320,7 +323,7 @@ def build_tiny_flux2(seed=0):
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096, time_shift_type="exponential")
-    return Models("tiny-flux2", "flux2", transformer, vae, [encoder], [tokenizer], scheduler, text_tokens=64)
+    return Models("tiny-flux2", "flux2", transformer, vae, [text_encoder], [tokenizer], scheduler, text_tokens=64)
 
 
 def _tiny_qwen_tokenizer():
@@ -403,10 +406,10 @@ def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, ta
     if models.kind == "flux2":
         return repeat_cond(_qwen3_text(models, list(captions), device), repeat)
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+    for tokenizer, text_encoder in zip(models.tokenizers, models.text_encoders):
         ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
-        out = encoder(ids, output_hidden_states=models.kind == "sdxl")
+        out = text_encoder(ids, output_hidden_states=models.kind == "sdxl")
         if models.kind == "sd15":
             return repeat_cond({"encoder_hidden_states": out.last_hidden_state}, repeat)
         hidden.append(out.hidden_states[-2])
@@ -423,10 +426,10 @@ def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, ta
 
 def _sd3_text(models, captions, device):
     hidden, pooled = [], []
-    for tokenizer, encoder in zip(models.tokenizers[:2], models.text_encoders[:2]):
+    for tokenizer, text_encoder in zip(models.tokenizers[:2], models.text_encoders[:2]):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
-        out = encoder(ids, output_hidden_states=True)
+        out = text_encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled.append(out[0])  # text_embeds
     clip = torch.cat(hidden, dim=-1)
@@ -443,14 +446,14 @@ def _sd3_text(models, captions, device):
 
 
 def _qwen3_text(models, captions, device):
-    tokenizer, encoder = models.tokenizers[0], models.text_encoders[0]
+    tokenizer, text_encoder = models.tokenizers[0], models.text_encoders[0]
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
                                            add_generation_prompt=True, enable_thinking=False) for c in captions]
     tokens = tokenizer(chats, padding="max_length", max_length=models.text_tokens, truncation=True,
                        return_tensors="pt").to(device)
     # The causal LM's body: its hidden states are the pipeline's, without the vocabulary head it never reads.
-    out = encoder.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True,
-                        use_cache=False)
+    out = text_encoder.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                             output_hidden_states=True, use_cache=False)
     hidden = torch.stack([out.hidden_states[k] for k in QWEN3_LAYERS], dim=2)  # (B, L, 3, width)
     ids = torch.zeros(len(captions), models.text_tokens, 4, dtype=torch.long, device=device)
     ids[..., 3] = torch.arange(models.text_tokens, device=device)  # (t, h, w, l) = (0, 0, 0, token)
@@ -465,15 +468,8 @@ def denoise(model, x, t, cond):
         return model(x, timestep=t, **cond).sample
     b, c, h, w = x.shape
     tokens = x.flatten(2).transpose(1, 2)  # (B, h w, C), row-major: the pipeline's _pack_latents
-    out = model(tokens, timestep=t / 1000, img_ids=latent_ids(h, w, x.device), **cond).sample
+    out = model(tokens, timestep=t / 1000, img_ids=encoder.latent_ids(x), **cond).sample
     return out.transpose(1, 2).reshape(b, c, h, w)
-
-
-def latent_ids(h, w, device):
-    """FLUX.2's RoPE positions of an h x w grid of latent tokens: (h w, 4), rows (0, row, column, 0)."""
-    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    zero = torch.zeros_like(rows)
-    return torch.stack([zero, rows, cols, zero], dim=-1).flatten(0, 1)
 
 
 def repeat_cond(cond, n):
@@ -510,11 +506,16 @@ def _flux2_bn(vae, z):
     return mean, std
 
 
-def _flux2_normalise(vae, z):
-    """(N, C, H/8, W/8) -> (N, 4C, H/16, W/16): 2x2 patches into channels (channel-major, as the pipeline's
-    _patchify_latents), then (z - mean) / std by the VAE's batch-norm statistics."""
+def flux2_patchify(z):
+    """(N, C, H/8, W/8) -> (N, 4C, H/16, W/16): 2x2 patches into channels, channel-major, as the pipeline's
+    _patchify_latents."""
     n, c, h, w = z.shape
-    z = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+    return z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+
+
+def _flux2_normalise(vae, z):
+    """The patchified latents, (z - mean) / std by the VAE's batch-norm statistics."""
+    z = flux2_patchify(z)
     mean, std = _flux2_bn(vae, z)
     return (z - mean) / std
 
@@ -660,13 +661,12 @@ def check_lora(lora_dir):
     try:
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
+            bad = next((k for k in keys if not torch.isfinite(f.get_tensor(k)).all()), None)
     except Exception as e:  # safetensors' own error type: empty, truncated, not safetensors at all
         raise ModelError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): truncated or "
                          "partly copied?") from None
     for prefix in ("unet", "transformer"):
         if any(k.startswith(prefix + ".") for k in keys):
-            with safe_open(path, framework="pt") as f:
-                bad = next((k for k in keys if not torch.isfinite(f.get_tensor(k)).all()), None)
             if bad:
                 raise ModelError(f"{path} holds NaN or inf ({bad}): a run that diverged; it would render black images")
             return prefix

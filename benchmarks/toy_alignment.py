@@ -103,9 +103,7 @@ def pretrain(out, seed, vae_steps, unet_steps, log, kind="sd15"):
     if kind == "sd3":  # SD3's VAE config has a shift: latents = (z - shift) * scale
         vae.register_to_config(shift_factor=float(means.mean()), scaling_factor=float(1 / means.std()))
     elif kind == "flux2":  # FLUX.2's: the patchified latents' per-channel statistics, as its batch norm keeps them
-        vae.bn.running_mean.fill_(0.0)
-        vae.bn.running_var.fill_(1.0 - vae.config.batch_norm_eps)
-        patches = sample._flux2_normalise(vae, means)  # with mean 0 and std 1: patchified only
+        patches = sample.flux2_patchify(means)
         vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
         vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)) - vae.config.batch_norm_eps)
     else:

@@ -35,6 +35,16 @@ def train(script, out, *args, nproc=1, check=True, timeout=600):
     return proc
 
 
+def frozen_copy(models):
+    """A fresh copy of a tiny model built once (tests may add adapters or change weights), frozen and in eval mode."""
+    import copy
+
+    m = copy.deepcopy(models)
+    for module in [m.unet, m.vae, *m.text_encoders]:
+        module.requires_grad_(False).eval()
+    return m
+
+
 def lora(out):
     return load_file(os.path.join(str(out), "pytorch_lora_weights.safetensors"))
 

@@ -13,10 +13,9 @@ import tempfile
 import threading
 import time
 
+from zygote import RUNTIME_ONLY  # variables a child may set differently from the zygote's
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Variables a child may set differently from the zygote's: no library reads them while it imports.
-RUNTIME_ONLY = {"TMPDIR", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_PROJECT", "MASTER_PORT",
-                "PYTEST_CURRENT_TEST"}
 _zygote = {}  # the one live server, under the key of the environment it imported with
 _lock = threading.Lock()  # one request at a time on the server's pipes
 

@@ -17,7 +17,7 @@ import encoder
 import launch
 import ncp_dpo
 import sample
-from helpers import ROOT, env, lora, metrics, train
+from helpers import ROOT, env, frozen_copy, lora, metrics, train
 
 FLUX2 = ["--model", "tiny-flux2"]
 
@@ -29,10 +29,7 @@ def _tiny_flux2():
 
 @pytest.fixture
 def flux2(_tiny_flux2):
-    m = copy.deepcopy(_tiny_flux2)
-    for module in [m.unet, m.vae, *m.text_encoders]:
-        module.requires_grad_(False).eval()
-    return m
+    return frozen_copy(_tiny_flux2)
 
 
 def test_prompts_latents_and_the_call_are_the_pipelines(flux2):

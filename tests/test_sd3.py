@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import encoder
 import ncp_dpo
 import sample
-from helpers import lora, metrics, train
+from helpers import frozen_copy, lora, metrics, train
 from test_bad_inputs import one_line_error, run
 from test_formats import write_webdataset
 
@@ -27,10 +27,7 @@ def _tiny_sd3():
 
 @pytest.fixture
 def sd3(_tiny_sd3):
-    m = copy.deepcopy(_tiny_sd3)
-    for module in [m.unet, m.vae, *m.text_encoders]:
-        module.requires_grad_(False).eval()
-    return m
+    return frozen_copy(_tiny_sd3)
 
 
 def _grid_scheduler(models):

@@ -41,8 +41,9 @@ ATTRIBUTES = {"diffusers": ["AutoencoderKL", "UNet2DConditionModel", "SD3Transfo
 LAUNCHER = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
             "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
             "NCCL_ASYNC_ERROR_HANDLING", "PYTHONUNBUFFERED"}
-RUNTIME_ONLY = {"TMPDIR", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_PROJECT", "PYTEST_CURRENT_TEST",
-                "NCP_ZYGOTE_SOCKET"}
+# Variables no library reads while it imports: a child may have them set otherwise than the zygote.
+RUNTIME_ONLY = {"TMPDIR", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_PROJECT", "MASTER_PORT",
+                "PYTEST_CURRENT_TEST", "NCP_ZYGOTE_SOCKET"}
 
 
 def preload():
