@@ -97,12 +97,14 @@ def load_together(load, ddp, local_rank, master):
     if ddp:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=slow)
     if failed[0]:
+        # Every rank exits with the error, not killed by the launcher, which stops the others once one has exited:
+        # each ignores SIGTERM first, and none exits before all have (the barrier below).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if master:
             for path in made:
                 shutil.rmtree(path, ignore_errors=True)
         if ddp:  # every rank is here: leave no gloo thread alive at exit (it aborts the process, SIGABRT)
-            # and exit with the error, not killed by the launcher, which stops the others once one rank has exited
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            dist.barrier(group=slow)
             dist.destroy_process_group()
         sys.exit(error if master or (error and not failed[1]) else 1)  # one message: rank 0's if it has one
     return loaded
