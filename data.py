@@ -77,9 +77,9 @@ def find_source(source, split="train"):
         for pattern in patterns:  # the first layout that matches
             paths = paths or glob.glob(os.path.join(source, pattern))
         if not paths:
-            found = sorted(os.path.relpath(p, source) for p in glob.glob(os.path.join(source, "**", "*.*"),
-                                                                         recursive=True)
-                           if p.endswith((".parquet", ".json", ".jsonl", ".tar")))
+            found = sorted(os.path.relpath(os.path.join(folder, name), source)
+                           for folder, _, names in os.walk(source)  # symlinked folders not followed: no loops
+                           for name in names if name.endswith((".parquet", ".json", ".jsonl", ".tar")))
             raise DataError(f"no {split} data in {source}: looked for {', '.join(patterns)} (found: "
                             f"{', '.join(found[:5]) + (' ...' if len(found) > 5 else '') if found else 'nothing'})")
     elif any(c in source for c in "*?["):

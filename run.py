@@ -264,8 +264,27 @@ MAX_BETA = 1e20  # with |margin| < 1e18 (errors are means of squares of bounded 
 MAX_DIST_TIMEOUT = 525600  # minutes; a larger timedelta overflows the process group's millisecond count
 
 
+# Open files a run may need at once: a tiny run with 3 loader workers peaked at 48 descriptors (each tensor a worker
+# hands over is one while in flight; then model files, sockets, logs); 256 leaves five times that.
+MIN_OPEN_FILES = 256
+
+
+def check_open_files():
+    """Raise this process's open-file limit (ulimit -n) to MIN_OPEN_FILES if it is lower and the hard limit allows;
+    ValueError if it does not (a low limit failed mid-run, in a loader worker, or hung it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        if hard != resource.RLIM_INFINITY and hard < MIN_OPEN_FILES:
+            raise ValueError(f"the open-file limit (ulimit -n) is {hard}; a run needs at least {MIN_OPEN_FILES}: "
+                             f"raise it (ulimit -n {MIN_OPEN_FILES * 4}) and start again")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (MIN_OPEN_FILES, hard))
+
+
 def check_flags(args, kind):
-    """ValueError for a flag out of its range, before any model is loaded."""
+    """ValueError for a flag out of its range, before any model is loaded; and the open-file limit."""
+    check_open_files()
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
     beta = getattr(args, "beta", 1)
@@ -668,6 +687,8 @@ def winner_warning(ratio, step):
                 f"(winner_error_ratio in metrics.jsonl): the loss can fall while the model collapses; a lower --lr "
                 "or --beta, or an earlier checkpoint, is the usual way out")
     return None
+
+
 COUNTERS = {"skipped_pairs", "converted_images", "nonfinite_steps"}  # on the console only when not zero
 
 

@@ -131,39 +131,24 @@ def _kind_of(index, where):
 def load_models(model, dtype=torch.float32, device="cpu", t5=True):
     """Load the frozen components (no grad) in `dtype` on `device`. The SDXL VAE stays fp32 unless fp16-fix.
     t5=False: SD3 without its T5 encoder (zeros in its place, as StableDiffusion3Pipeline does without it)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    import pickle
 
     source, kind = resolve_model(model)
     _announce_download(source)
-    if source in TINY:
-        models = build_tiny(kind)
-        if not t5 and kind == "sd3":
-            models.text_encoders[2] = models.tokenizers[2] = None
-    elif kind == "sd3":
-        models = _load_sd3(model, source, dtype, t5)
-    elif kind == "flux2":
-        models = _load_flux2(model, source, dtype)
-    else:
-        try:
-            sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
-            encoders = [sub(CLIPTextModel, "text_encoder")]
-            tokenizers = [sub(CLIPTokenizer, "tokenizer")]
-            if kind == "sdxl":
-                encoders.append(sub(CLIPTextModelWithProjection, "text_encoder_2"))
-                tokenizers.append(sub(CLIPTokenizer, "tokenizer_2"))
-            vae = (AutoencoderKL.from_pretrained(SDXL_VAE, torch_dtype=dtype) if source == SDXL
-                   else sub(AutoencoderKL, "vae"))
-            unet = sub(UNet2DConditionModel, "unet")
-            config = DDPMScheduler.load_config(source, subfolder="scheduler")
-            own = config.get("prediction_type", "epsilon")
-            if own != "epsilon":  # the losses and the step back here are written for noise prediction
-                raise ModelError(f"{source} predicts {own!r} (its scheduler config says so); the scripts train "
-                                 "noise-prediction (epsilon) U-Nets only, as SD1.5 and SDXL are")
-            scheduler = DDPMScheduler.from_config(config, clip_sample=False)
-        except OSError as e:
-            raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
-        models = Models(model, kind, unet, vae, encoders, tokenizers, scheduler)
+    try:
+        if source in TINY:
+            models = build_tiny(kind)
+            if not t5 and kind == "sd3":
+                models.text_encoders[2] = models.tokenizers[2] = None
+        elif kind == "sd3":
+            models = _load_sd3(model, source, dtype, t5)
+        elif kind == "flux2":
+            models = _load_flux2(model, source, dtype)
+        else:
+            models = _load_unet_family(model, source, kind, dtype)
+    except pickle.UnpicklingError:  # transformers and diffusers read a .bin with torch.load(weights_only=True)
+        raise ModelError(f"a pickled weights file (.bin) in {source} holds objects other than tensors: refused, since "
+                         "loading it could run code") from None
     # SDXL's original VAE overflows in half precision (its config says force_upcast); the fp16-fix one does not.
     fp16_unsafe_vae = kind == "sdxl" and source not in (SDXL, "tiny-sdxl") and models.vae.config.force_upcast
     for module in [models.unet, models.vae, *filter(None, models.text_encoders)]:
@@ -173,6 +158,32 @@ def load_models(model, dtype=torch.float32, device="cpu", t5=True):
         if next(module.parameters()).dtype != want:
             module.to(dtype=want)
     return models
+
+
+def _load_unet_family(model, source, kind, dtype):
+    """SD1.5 or SDXL from a diffusers pipeline folder or hub id."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    try:
+        sub = lambda cls, name: cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)  # noqa: E731
+        encoders = [sub(CLIPTextModel, "text_encoder")]
+        tokenizers = [sub(CLIPTokenizer, "tokenizer")]
+        if kind == "sdxl":
+            encoders.append(sub(CLIPTextModelWithProjection, "text_encoder_2"))
+            tokenizers.append(sub(CLIPTokenizer, "tokenizer_2"))
+        vae = (AutoencoderKL.from_pretrained(SDXL_VAE, torch_dtype=dtype) if source == SDXL
+               else sub(AutoencoderKL, "vae"))
+        unet = sub(UNet2DConditionModel, "unet")
+        config = DDPMScheduler.load_config(source, subfolder="scheduler")
+        own = config.get("prediction_type", "epsilon")
+        if own != "epsilon":  # the losses and the step back here are written for noise prediction
+            raise ModelError(f"{source} predicts {own!r} (its scheduler config says so); the scripts train "
+                             "noise-prediction (epsilon) U-Nets only, as SD1.5 and SDXL are")
+        scheduler = DDPMScheduler.from_config(config, clip_sample=False)
+    except OSError as e:
+        raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
+    return Models(model, kind, unet, vae, encoders, tokenizers, scheduler)
 
 
 def _announce_download(source):

@@ -58,6 +58,31 @@ def two_tars_one_truncated(root):
     truncate(root / "00001.tar")
 
 
+def symlink_loops(root):
+    """No data, but folders that lead back to themselves (the search for data once followed them forever)."""
+    os.makedirs(root / "a")
+    os.symlink("..", root / "a" / "up")
+    os.symlink(".", root / "self")
+    os.symlink(os.path.join("..", root.name), root / "a" / "back")
+    (root / "a" / "notes.txt").write_text("no data here")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def pickled_text_encoder(root):
+    """Good data, and a model folder whose text encoder is a pickle holding an object to call (not tensors)."""
+    write_pickapic(root)
+    folder = sample.save_pipeline(sample.build_tiny("sd15"), str(root / "pipe"))
+    weights = {k: v for k, v in sample.build_tiny("sd15").text_encoders[0].state_dict().items()}
+    for name in os.listdir(os.path.join(folder, "text_encoder")):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(folder, "text_encoder", name))
+    torch.save({**weights, "extra": RunsCode()}, os.path.join(folder, "text_encoder", "pytorch_model.bin"))
+
+
 # (name, make the source at tmp_path / "src" (or None: synthetic), flags, fragment of the one-line message)
 TRAINING = [
     ("output dir is a file", None, ["--output-dir", "{tmp}/file"], "--output-dir {tmp}/file is a file"),
@@ -70,6 +95,9 @@ TRAINING = [
     ("truncated tar", two_tars_one_truncated, [], "00001.tar cannot be read (unexpected end of data)"),
     ("JSON-lines bad line", jsonl_with_a_bad_line, [], "train.jsonl, line 4: not a JSON record"),
     ("null image cells", null_images, ["--num-workers", "2"], "could not be decoded"),
+    ("symlink loops and no data", symlink_loops, [], "no train data in {tmp}/src"),
+    ("pickled text encoder", pickled_text_encoder, ["--model", "{tmp}/src/pipe"],
+     "a pickled weights file (.bin) in {tmp}/src/pipe holds objects other than tensors: refused"),
     # the second campaign's minor flags (issue 39): each was a traceback or a run that trained nothing with exit 0
     ("lr inf", None, ["--lr", "inf"], "--lr inf must be in (0, 1]"),
     ("lr nan", None, ["--lr", "nan"], "--lr nan must be in (0, 1]"),
@@ -102,6 +130,7 @@ def test_training_input(tmp_path, name, make, flags, fragment):
     proc = train("ncp_dpo.py", tmp_path / "run", "--model", "tiny", "--max-steps", "1", *source, *flags, check=False,
                  timeout=120)
     one_line_error(proc, fragment.format(tmp=tmp_path))
+    assert "this ran" not in proc.stdout
     assert not (tmp_path / "run").exists()  # a fresh run leaves nothing behind
 
 
@@ -343,3 +372,26 @@ def test_a_non_finite_lora_is_never_saved_and_spo_checks_its_flags_first(tmp_pat
         proc = run("spo.py", "--model", "tiny", "--output-dir", tmp_path / "spo", flag, "inf")
         one_line_error(proc, fragment)
         assert not (tmp_path / "spo").exists()
+
+
+def test_a_low_open_file_limit_is_one_line_or_raised_to_what_a_run_needs(tmp_path):
+    """`ulimit -n 16` failed in a loader worker (a traceback, log.txt left behind); a soft limit of 24 hung the run.
+    A hard limit under run.MIN_OPEN_FILES is refused before anything is written; a low soft limit is raised."""
+    import resource
+    import subprocess
+
+    def limited(soft, hard, out, *flags):
+        def lower():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        cmd = [sys.executable, os.path.join(ROOT, "ncp_dpo.py"), "--output-dir", str(out), "--model", "tiny",
+               "--data", "synthetic", "--global-batch-size", "4", "--micro-batch-size", "2", *flags]
+        return subprocess.run(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=120, preexec_fn=lower)  # a real process: the limit is the process's own
+
+    proc = limited(16, 16, tmp_path / "refused", "--max-steps", "1")
+    one_line_error(proc, "the open-file limit (ulimit -n) is 16; a run needs at least 256")
+    assert not (tmp_path / "refused").exists()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    proc = limited(24, hard, tmp_path / "raised", "--max-steps", "2", "--num-workers", "2", "--log-every", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert [m["step"] for m in metrics(tmp_path / "raised")] == [1, 2]
