@@ -677,6 +677,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             i = (index + attempt) % len(self)
             try:
                 images = [load_image(b) for b in self._read_images(i)]
+            except DataError:  # a damaged image store: not the pair's fault, and no other pair would read
+                raise
             except (OSError, ValueError, pa.ArrowException, Image.DecompressionBombError):  # corrupt, missing: skip
                 skipped += 1
                 continue
@@ -751,6 +753,27 @@ def make_arrays(directory, key, arrays):
         write_key(directory, key)
 
 
+def open_arrays(directory, specs, what, mode="r"):
+    """Memory maps of the arrays [(name, dtype, shape)] that make_arrays made in `directory`, each checked to be
+    what it was made as: a file cut short, edited or replaced is a DataError naming it, not a NumPy traceback."""
+    arrays = []
+    for name, dtype, shape in specs:
+        path = os.path.join(directory, f"{name}.npy")
+        try:
+            array = np.load(path, mmap_mode=mode)  # allow_pickle stays False: an object array is refused
+            why = (f"{array.dtype} {tuple(array.shape)}, not {np.dtype(dtype)} {tuple(shape)}"
+                   if array.dtype != dtype or array.shape != tuple(shape) else None)
+        except (ValueError, OSError, EOFError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "pickle" in why or "Python objects" in why:  # never NumPy's advice to load it unsafely
+                why = "it holds Python objects, not numbers"
+        if why:
+            raise DataError(f"the {what} {directory} is damaged ({name}.npy: {why}): delete that folder and the next "
+                            "run makes it again")
+        arrays.append(array)
+    return arrays
+
+
 def allocate(path, what):
     """Give the sparse file `path` its disk blocks now (posix_fallocate), so that writing through its memory map
     cannot fault with SIGBUS on a full disk: a DataError saying how much it needs and how much is free instead."""
@@ -798,16 +821,27 @@ class ImageStore:
         self.shards = len(shard.dictionary) if pairs.num_rows else 0
         self._index, self._fds = None, OpenFiles()
 
+    def specs(self):
+        return [("index", np.int64, (self.n, 2, 2)), ("done", np.int8, (self.shards,))]
+
     def create(self):
         """Make the (empty) index if it does not exist yet. Call on one process, before any other opens it."""
-        make_arrays(self.dir, self.key, [("index", np.int64, (self.n, 2, 2)), ("done", np.int8, (self.shards,))])
+        make_arrays(self.dir, self.key, self.specs())
+
+    def arrays(self, mode="r"):
+        """(index, done), checked; an index with a negative offset or length is damaged too (pread would fail)."""
+        index, done = open_arrays(self.dir, self.specs(), "image store", mode)
+        if self.n and index.min() < 0:
+            raise DataError(f"the image store {self.dir} is damaged (index.npy: negative offsets or lengths): delete "
+                            "that folder and the next run makes it again")
+        return index, done
 
     def __getstate__(self):
         return {**self.__dict__, "_index": None}
 
     def missing(self):
         """The shards not copied yet."""
-        return np.flatnonzero(np.load(os.path.join(self.dir, "done.npy")) == 0)
+        return np.flatnonzero(self.arrays()[1] == 0)
 
     def build(self, dataset, todo, rank=0, world_size=1, progress=False):
         """Copy this rank's share of the shards `todo` (self.missing(), read by every rank before any starts).
@@ -816,8 +850,7 @@ class ImageStore:
         turn; an interrupted build starts its unfinished shards again. Returns the bytes written by this rank."""
         from tqdm import tqdm
 
-        index = np.load(os.path.join(self.dir, "index.npy"), mmap_mode="r+")
-        done = np.load(os.path.join(self.dir, "done.npy"), mmap_mode="r+")
+        index, done = self.arrays("r+")
         mine = [int(s) for s in todo[rank::world_size]]
         pairs = [np.flatnonzero(self.shard == s) for s in mine]
         bar = tqdm(total=sum(map(len, pairs)), disable=not progress, desc="image store", unit="pair",
@@ -854,10 +887,14 @@ class ImageStore:
     def read(self, i, sides):
         """The image bytes of pair i: [winner] or [winner, loser]."""
         if self._index is None:
-            self._index = np.load(os.path.join(self.dir, "index.npy"), mmap_mode="r")
+            self._index = self.arrays()[0]
         shard = int(self.shard[i])
         fd = self._fds.opened(shard, lambda: os.open(os.path.join(self.dir, f"shard-{shard:05d}.bin"), os.O_RDONLY))
-        return [os.pread(fd, int(n), int(o)) for o, n in self._index[i, :sides]]
+        images = [os.pread(fd, int(n), int(o)) for o, n in self._index[i, :sides]]
+        if any(len(image) != n for image, (_, n) in zip(images, self._index[i, :sides])):
+            raise DataError(f"the image store {self.dir} is damaged (shard-{shard:05d}.bin is shorter than its index "
+                            "says): delete that folder and the next run makes it again")
+        return images
 
 
 # -----------------------------------------------------------------------------
@@ -885,18 +922,20 @@ class LatentCache:
         self.dir, self.n, self.latent_shape = key_dir(root, self.key), pairs.num_rows, tuple(latent_shape)
         self._arrays = None
 
+    def specs(self):
+        return [("latents", np.float16, (self.n, 2, *self.latent_shape)), ("micro", np.int32, (self.n, 2, 4)),
+                ("state", np.int8, (self.n, 2))]
+
     def create(self):
         """Make the arrays if they do not exist yet, and give them their disk blocks. Call on one process, before any
         other opens them."""
-        make_arrays(self.dir, self.key, [("latents", np.float16, (self.n, 2, *self.latent_shape)),
-                                         ("micro", np.int32, (self.n, 2, 4)), ("state", np.int8, (self.n, 2))])
+        make_arrays(self.dir, self.key, self.specs())
         for name in ("latents", "micro", "state"):  # the disk it will take, taken before any write: a full disk
             allocate(os.path.join(self.dir, f"{name}.npy"), "the latent cache")  # is one line, not a SIGBUS
 
     def arrays(self, mode="r"):
         if self._arrays is None or self._arrays[0] != mode:
-            self._arrays = (mode, *(np.load(os.path.join(self.dir, f"{k}.npy"), mmap_mode=mode)
-                                    for k in ("latents", "micro", "state")))
+            self._arrays = (mode, *open_arrays(self.dir, self.specs(), "latent cache", mode))
         return self._arrays[1:]
 
     def __getstate__(self):

@@ -534,6 +534,10 @@ def load_checkpoint(path, script):
     ckpt = sample.load_data(path, "a checkpoint")
     if not isinstance(ckpt, dict) or not {"step", "args", "lora"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint of this project's training scripts")
+    if not (type(ckpt["step"]) is int and ckpt["step"] >= 0 and type(ckpt.get("data_position", 0)) is int
+            and isinstance(ckpt["args"], dict)
+            and isinstance(ckpt["lora"], dict) and all(torch.is_tensor(v) for v in ckpt["lora"].values())):
+        raise ValueError(f"{path} is damaged: its step, flags or LoRA are not what a checkpoint holds")
     written = ckpt.get("script", "spo.py" if "iteration" in ckpt else script)
     if written != script:
         raise ValueError(f"{path} was written by {written}, not {script}: resume it with {written}, or choose "
@@ -557,18 +561,30 @@ def set_lora(lora, values):
 
 def restore(ckpt, lora, optimizer, lr_schedule, scaler, lr):
     """Load a checkpoint's LoRA, optimizer, schedule, scaler and, where it holds one, RNG state; the schedule then
-    runs at this command's lr. Returns (step, totals)."""
-    set_lora(lora, ckpt["lora"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    lr_schedule.load_state_dict(ckpt["lr_schedule"])
-    lr_schedule.base_lrs = [lr]  # this command's lr, which may have changed on resume
-    optimizer.param_groups[0]["lr"] = lr * lr_schedule.lr_lambdas[0](lr_schedule.last_epoch)
-    scaler.load_state_dict(ckpt["scaler"])
-    if "rng" in ckpt:
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    return ckpt["step"], ckpt["totals"]
+    runs at this command's lr. Returns (step, totals). A checkpoint whose parts do not fit this run (edited, or
+    another model's LoRA) is a RunError: one line."""
+    shapes = {n: tuple(p.shape) for n, p in lora.items()}
+    if {n: tuple(v.shape) for n, v in ckpt["lora"].items()} != shapes:
+        raise RunError("checkpoint.pt's LoRA does not fit this run's model (its names or shapes differ): it is "
+                       "damaged or another model's")
+    try:
+        set_lora(lora, ckpt["lora"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for p, state in optimizer.state.items():  # Adam's moments are the LoRA's shapes, or its step would fail
+            if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in state.values()):
+                raise ValueError("the optimizer's moments are not the LoRA's shapes")
+        lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        lr_schedule.base_lrs = [lr]  # this command's lr, which may have changed on resume
+        optimizer.param_groups[0]["lr"] = lr * lr_schedule.lr_lambdas[0](lr_schedule.last_epoch)
+        scaler.load_state_dict(ckpt["scaler"])
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["cpu"])
+            if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        return ckpt["step"], dict(ckpt["totals"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+        raise RunError(f"checkpoint.pt is damaged: its optimizer, schedule or random state cannot be restored "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
 # -----------------------------------------------------------------------------

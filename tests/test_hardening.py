@@ -164,13 +164,72 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, content, fragment):
     _one_line_error(train("ncp_sft.py", tmp_path / "run", "--model", "tiny", "--resume", check=False), fragment)
 
 
-def test_a_run_of_another_script_is_not_resumed_under_this_loss(tmp_path):
+def test_a_run_of_another_script_or_a_damaged_checkpoint_is_not_resumed(tmp_path):
+    """Another script's checkpoint is refused; so is one whose parts were edited (each was a traceback: a step that
+    is a list, flags that are a string, another model's LoRA, an optimizer state without its moments or with
+    moments of other shapes), in one line, and the run's files stay as they were."""
+    import torch
+
     from helpers import train
 
     out = tmp_path / "run"
     train("ncp_cpo.py", out, "--model", "tiny", "--max-steps", "1", "--save-every", "1")
     _one_line_error(train("ncp_dpo.py", out, "--model", "tiny", "--max-steps", "2", "--resume", check=False),
                     "was written by ncp_cpo.py, not ncp_dpo.py")
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    first = next(iter(good["optimizer"]["state"]))
+    moments = {**good["optimizer"]["state"][first], "exp_avg": torch.zeros(3)}
+    damaged = {
+        "a step that is a list": ({**good, "step": [1]}, "is damaged: its step, flags or LoRA"),
+        "flags that are a string": ({**good, "args": "x"}, "is damaged: its step, flags or LoRA"),
+        "another model's LoRA": ({**good, "lora": {"a.lora_A.weight": torch.zeros(2, 2)}},
+                                 "LoRA does not fit this run's model"),
+        "no optimizer state": ({**good, "optimizer": {}}, "its optimizer, schedule or random state cannot be restored"),
+        "moments of other shapes": ({**good, "optimizer": {**good["optimizer"], "state": {
+            **good["optimizer"]["state"], first: moments}}}, "the optimizer's moments are not the LoRA's shapes"),
+    }
+    for name, (ckpt, fragment) in damaged.items():
+        torch.save(ckpt, out / "checkpoint.pt")
+        _one_line_error(train("ncp_cpo.py", out, "--model", "tiny", "--max-steps", "2", "--resume", check=False),
+                        fragment)
+        assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1], name
+
+
+def test_a_damaged_latent_cache_or_image_store_is_one_line(tmp_path):
+    """A cache or store file cut short, replaced by other arrays or by pickled objects was a NumPy traceback (or a
+    store shard cut short, "is the data corrupt?" after 32 skipped pairs): one line naming the folder to delete.
+    Restored, the store is read again."""
+    import shutil
+
+    import numpy as np
+
+    import data
+    from helpers import train
+
+    source = data.write_synthetic(str(tmp_path / "pairs"))
+    for flag, name, spoil, fragment in [
+        ("--cache-latents", "latents.npy", lambda p: os.truncate(p, 1000), "latents.npy: mmap length is greater"),
+        ("--cache-latents", "state.npy", lambda p: np.save(p, np.zeros(3, "U5")), "state.npy: <U5 (3,), not int8"),
+        ("--cache-latents", "micro.npy", lambda p: np.save(p, np.array([{}]), allow_pickle=True),
+         "micro.npy: it holds Python objects, not numbers"),
+        ("--image-store", "done.npy", lambda p: os.truncate(p, 10), "done.npy: EOF"),
+        ("--image-store", "index.npy", lambda p: np.save(p, -np.load(p)), "index.npy: negative offsets or lengths"),
+        ("--image-store", "shard-00000.bin", lambda p: os.truncate(p, 100), "shard-00000.bin is shorter than its"),
+    ]:
+        root = tmp_path / flag.strip("-")
+        if not root.exists():  # filled once, then each file spoiled and restored in turn
+            train("ncp_dpo.py", tmp_path / "fill", "--model", "tiny", "--max-steps", "1", "--data", source, flag, root)
+            shutil.rmtree(tmp_path / "fill")
+        folder = next(p for p in root.iterdir() if p.is_dir())
+        keep = (folder / name).read_bytes()
+        spoil(str(folder / name))
+        proc = train("ncp_dpo.py", tmp_path / "bad", "--model", "tiny", "--max-steps", "1", "--data", source, flag,
+                     root, check=False)
+        _one_line_error(proc, f"{flag[2:].replace('-', ' ').replace('cache latents', 'latent cache')} {folder} is "
+                              f"damaged ({fragment}")
+        shutil.rmtree(tmp_path / "bad")
+        (folder / name).write_bytes(keep)
+    train("ncp_dpo.py", tmp_path / "again", "--model", "tiny", "--max-steps", "1", "--data", source, flag, root)
 
 
 # -----------------------------------------------------------------------------
