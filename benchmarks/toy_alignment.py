@@ -166,7 +166,9 @@ def write_pairs(folder, split, n, seed):
         rows["has_label"].append(True)
         rows["are_different"].append(True)
     os.makedirs(folder, exist_ok=True)
-    pq.write_table(pa.table(rows), os.path.join(folder, f"{split}-00000-of-00001.parquet"), row_group_size=64)
+    path = os.path.join(folder, f"{split}-00000-of-00001.parquet")
+    pq.write_table(pa.table(rows), path + f".{os.getpid()}.tmp", row_group_size=64)
+    os.replace(path + f".{os.getpid()}.tmp", path)  # the same rows each time: a run reading them never sees half
 
 
 # -----------------------------------------------------------------------------
@@ -349,8 +351,13 @@ def main():
                              "drift": drift, **regime})
                 log(f"{key} step {k}: radius {radius:.2f} px, right colour {right:.2f}, held-out accuracy {acc:.3f}, "
                     f"drift {drift:.3g}" + "".join(f", {k} {v:.3g}" for k, v in regime.items()))
-            results["runs"][key] = rows
-            json.dump(results, open(path, "w"), indent=1)  # after every run: an interrupted sweep keeps its runs
+            with data.flocked(path + ".lock"):  # after every run, merged into what other invocations wrote since:
+                if os.path.exists(path):  # an interrupted sweep keeps its runs, and sweeps may run side by side
+                    results["runs"] = {**json.load(open(path))["runs"], key: rows}
+                else:
+                    results["runs"][key] = rows
+                json.dump(results, open(path + ".tmp", "w"), indent=1)
+                os.replace(path + ".tmp", path)
     lines = summarise(results["runs"], steps)
     open(os.path.join(args.out, "results.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
