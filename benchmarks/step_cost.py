@@ -11,8 +11,8 @@
 
 Runs the training scripts themselves, one after another in this one invocation, with the same model, batch
 and precision, on the same synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
-next --steps are timed (the scripts' own step_time, averaged over that window). Reports seconds per step,
-pairs per second, peak memory (GPU: peak allocated; CPU: peak resident set of the process) and the NCP /
+next --steps are timed one by one (the scripts' own step_time, logged every step). Reports seconds per step (the
+mean of the timed steps, and their spread: the fastest and the slowest), pairs per second, peak memory (GPU: peak allocated; CPU: peak resident set of the process) and the NCP /
 latent ratio. The last row, dpo-ncp-cached, is NCP-DPO with --cache-latents (the cache is filled before the
 timed steps): the target is that it costs no more than dpo-latent, which runs the VAE.
 
@@ -20,9 +20,10 @@ timed steps): the target is that it costs no more than dpo-latent, which runs th
 and saves it as a pipeline directory for --model DIR: speed, memory and FLOPs do not depend on the weights'
 values. Its tokenizer is character-level, padded to CLIP's 77 tokens, so the text encoders do the same work.
 
---flops also counts the FLOPs of one optimizer step with torch.utils.flop_counter, in a separate one-step run
-without gradient checkpointing (model FLOPs: recomputation is not counted), and on a GPU the model FLOPs
-utilisation: FLOPs per step / timed seconds per step / the GPU's dense bf16 peak.
+--flops also counts the FLOPs of one optimizer step with torch.utils.flop_counter, in separate one-step runs: with
+the timed runs' own flags (executed FLOPs: recomputation under gradient checkpointing counted, as timed) and without
+gradient checkpointing (model FLOPs); and on a GPU the model FLOPs utilisation: model FLOPs per step / timed
+seconds per step / the GPU's dense bf16 peak. Fewer than 3 timed steps give no spread worth the name: a warning.
 """
 
 import argparse
@@ -248,25 +249,28 @@ def flow_costs(arch, resolution=1024, pairs=1, step_back=1):
             "ncp_over_latent": (steps["ncp"] + text + images) / (steps["latent"] + text + images)}
 
 
-def run(script, space, args, out, model, source, extra=(), steps=None, flops=False):
-    """Run one training script; return its last metrics record (the warm window), or the FLOPs of one step."""
+def run(script, space, args, out, model, source, extra=(), steps=None, flops=None):
+    """Run one training script; return its metrics records of the timed steps (after the warm-up), or, with flops
+    "model" or "executed", the FLOPs of one step without gradient checkpointing or with the timed flags."""
     flags = ["--model", model, "--space", space, "--data", source, "--output-dir", out,
              "--global-batch-size", str(args.micro_batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--num-workers", str(args.num_workers), "--save-every", str(10**9), *extra, *args.extra]
     if args.resolution:
         flags += ["--resolution", str(args.resolution)]
     if flops:
-        cmd = [sys.executable, os.path.abspath(__file__), "--count-flops", script, "--",
-               *flags, "--max-steps", "1", "--no-gradient-checkpointing"]
+        cmd = [sys.executable, os.path.abspath(__file__), "--count-flops", script, "--", *flags, "--max-steps", "1"]
+        cmd += ["--no-gradient-checkpointing"] if flops == "model" else []
     else:
-        cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--max-steps", str(2 * steps), "--log-every", str(steps)]
+        cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--max-steps", str(2 * steps), "--log-every", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    name = "flops.json" if flops else "metrics.jsonl"
-    with open(os.path.join(out, name)) as f:
-        return [json.loads(line) for line in f][-1]
+    if flops:
+        with open(os.path.join(out, "flops.json")) as f:
+            return json.load(f)["flops"]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["step"] > steps]
 
 
 def count_flops(script, argv):
@@ -312,6 +316,11 @@ def main():
     args = p.parse_args()
     if args.count_flops:
         return count_flops(args.count_flops, args.extra)
+    if args.steps < 1:
+        p.error(f"--steps {args.steps} must be at least 1 (3 or more for a spread)")
+    if args.steps < 3 and not (args.arch in SD35 or args.arch in FLUX2 or args.encoder_share):
+        print(f"warning: --steps {args.steps} times {args.steps} step(s): no spread worth the name; 3 or more "
+              "for ratios to quote", flush=True)
 
     cuda = torch.cuda.is_available()
     machine = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
@@ -353,24 +362,32 @@ def main():
         for name, script, space, extra in rows:
             if args.only and name not in args.only:
                 continue
-            r = run(script, space, args, os.path.join(tmp, name), model, source, extra, steps=args.steps)
-            results[name] = {"step_s": r["step_time"], "pairs_per_s": r["pairs_per_s"], "peak_mem_gib": r["peak_mem_gib"],
-                             "nonfinite_steps": r["nonfinite_steps"]}
+            timed = run(script, space, args, os.path.join(tmp, name), model, source, extra, steps=args.steps)
+            times = [r["step_time"] for r in timed]
+            mean = sum(times) / len(times)
+            results[name] = {"step_s": mean, "step_s_min": min(times), "step_s_max": max(times),
+                             "timed_steps": len(times), "pairs_per_s": args.micro_batch_size / mean,
+                             "peak_mem_gib": max(r["peak_mem_gib"] for r in timed),
+                             "nonfinite_steps": sum(r["nonfinite_steps"] for r in timed)}
             if args.flops:
-                results[name]["tflops_per_step"] = run(script, space, args, os.path.join(tmp, name + "-flops"), model,
-                                                       source, extra, flops=True)["flops"] / 1e12
+                for kind, key in (("model", "tflops_per_step"), ("executed", "executed_tflops_per_step")):
+                    results[name][key] = run(script, space, args, os.path.join(tmp, f"{name}-{kind}-flops"), model,
+                                             source, extra, flops=kind) / 1e12
                 if peak:
-                    results[name]["mfu"] = results[name]["tflops_per_step"] / r["step_time"] / peak
+                    results[name]["mfu"] = results[name]["tflops_per_step"] / results[name]["step_s"] / peak
             print(name, json.dumps(results[name]), flush=True)
 
     flops = args.flops
-    print(f"\n| row | s/step | pairs/s | peak GiB |{' TFLOP/step | MFU |' if flops else ''}")
+    print(f"\n| row | s/step (fastest-slowest of n) | pairs/s | peak GiB |"
+          f"{' TFLOP/step (model, executed) | MFU |' if flops else ''}")
     print(f"| --- | --- | --- | --- |{' --- | --- |' if flops else ''}")
     for name, r in results.items():
-        extra = f" {r['tflops_per_step']:.4g} | {r['mfu']:.1%} |" if "mfu" in r else (
-            f" {r['tflops_per_step']:.4g} | - |" if flops else "")
-        print(f"| {name} | {r['step_s']:.4f} | {r['pairs_per_s']:.3g} | {r['peak_mem_gib']:.2f} |{extra}")
-    print(f"\n| objective | ncp / latent (time) |{' ncp / latent (FLOPs) |' if flops else ''}")
+        counted = f" {r['tflops_per_step']:.4g}, {r['executed_tflops_per_step']:.4g} |" if flops else ""
+        extra = counted + (f" {r['mfu']:.1%} |" if "mfu" in r else " - |" if flops else "")
+        print(f"| {name} | {r['step_s']:.4f} ({r['step_s_min']:.4f}-{r['step_s_max']:.4f} of {r['timed_steps']}) | "
+              f"{r['pairs_per_s']:.3g} | {r['peak_mem_gib']:.2f} |{extra}")
+    print(f"\n| objective | ncp / latent (time: of the means; range: fastest/slowest to slowest/fastest) |"
+          f"{' ncp / latent (model FLOPs) |' if flops else ''}")
     print(f"| --- | --- |{' --- |' if flops else ''}")
     ratios = {}
     for objective in [*SCRIPTS, "dpo-cached"]:
@@ -378,10 +395,15 @@ def main():
         latent = f"{objective.split('-')[0]}-latent"
         if ncp not in results or latent not in results:
             continue
-        ratios[objective] = {"time": results[ncp]["step_s"] / results[latent]["step_s"]}
+        ratios[objective] = {"time": results[ncp]["step_s"] / results[latent]["step_s"],
+                             "time_range": [results[ncp]["step_s_min"] / results[latent]["step_s_max"],
+                                            results[ncp]["step_s_max"] / results[latent]["step_s_min"]]}
         if flops:
             ratios[objective]["flops"] = results[ncp]["tflops_per_step"] / results[latent]["tflops_per_step"]
-        print(f"| {objective} | {ratios[objective]['time']:.2f} |"
+            ratios[objective]["executed_flops"] = (results[ncp]["executed_tflops_per_step"]
+                                                   / results[latent]["executed_tflops_per_step"])
+        low, high = ratios[objective]["time_range"]
+        print(f"| {objective} | {ratios[objective]['time']:.2f} ({low:.2f}-{high:.2f}) |"
               f"{' %.2f |' % ratios[objective]['flops'] if flops else ''}")
     if args.out:
         with open(args.out, "w") as f:

@@ -33,15 +33,21 @@ def test_random_architectures_have_the_published_sizes(kind):
 
 def test_step_cost_on_the_tiny_model(tmp_path):
     out = tmp_path / "cost.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--model", "tiny", "--steps", "1",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--model", "tiny", "--steps", "3",
            "--micro-batch-size", "2", "--num-workers", "0", "--flops", "--out", str(out),
-           "--only", "dpo-latent", "dpo-ncp", "dpo-ncp-cached", "--", "--optimizer", "adamw"]
+           "--only", "dpo-latent", "dpo-ncp", "dpo-ncp-cached", "--", "--optimizer", "adamw", "--gradient-checkpointing"]
     proc = launch.python(cmd, {**env(), "TMPDIR": str(tmp_path)}, ROOT, 600, merge=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
     assert set(rows) == {"dpo-latent", "dpo-ncp", "dpo-ncp-cached"}
     assert all(r["step_s"] > 0 and r["peak_mem_gib"] > 0 and r["nonfinite_steps"] == 0 for r in rows.values())
+    # each step after the 3 of warm-up timed on its own: the mean and its spread
+    assert all(r["timed_steps"] == 3 and r["step_s_min"] <= r["step_s"] <= r["step_s_max"] for r in rows.values())
+    low, high = report["ratios"]["dpo"]["time_range"]
+    assert low <= report["ratios"]["dpo"]["time"] <= high
+    # the executed FLOPs are the timed workload's: gradient checkpointing recomputes forwards, model FLOPs do not
+    assert all(r["executed_tflops_per_step"] > r["tflops_per_step"] for r in rows.values())
     # NCP adds encoder passes; the cache removes the VAE encode, which the tiny model's step also pays.
     assert rows["dpo-ncp"]["tflops_per_step"] > rows["dpo-latent"]["tflops_per_step"] > 0
     assert rows["dpo-ncp-cached"]["tflops_per_step"] < rows["dpo-ncp"]["tflops_per_step"]
