@@ -306,7 +306,7 @@ def check_flags(args, kind):
     if hasattr(args, "num_workers"):
         checks.append(("num-workers", args.num_workers, args.num_workers >= 0, "0 or more"))
     if hasattr(args, "step_back"):
-        unet = kind not in ("sd3", "flux2")
+        unet = not sample.FAMILIES[kind].flow
         checks += [("step-back", args.step_back, args.step_back == 1 or not unet and 1 < args.step_back < 1000,
                     "1 (a DDPM model's step back is one step)" if unet else
                     "between 1 and 999 (steps on the scheduler's grid of 1000)"),
@@ -962,7 +962,7 @@ class Run:
         check_reporter(args.report_to)
         dtype = DTYPES[args.precision]
         models = sample.load_models(args.model, dtype, self.device, t5=args.t5)
-        if kind in ("sd3", "flux2"):
+        if sample.FAMILIES[kind].flow:
             encoder.blocks_of(models.unet, args.encoder_depth)  # within the transformer's depth, or one line
         return args, ckpt, pairs, counts, dataset, validation, dtype, models
 

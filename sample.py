@@ -20,6 +20,8 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -140,12 +142,8 @@ def load_models(model, dtype=torch.float32, device="cpu", t5=True):
             models = build_tiny(kind)
             if not t5 and kind == "sd3":
                 models.text_encoders[2] = models.tokenizers[2] = None
-        elif kind == "sd3":
-            models = _load_sd3(model, source, dtype, t5)
-        elif kind == "flux2":
-            models = _load_flux2(model, source, dtype)
         else:
-            models = _load_unet_family(model, source, kind, dtype)
+            models = FAMILIES[kind].load(model, source, dtype, t5)
     except pickle.UnpicklingError:  # transformers and diffusers read a .bin with torch.load(weights_only=True)
         raise ModelError(f"a pickled weights file (.bin) in {source} holds objects other than tensors: refused, since "
                          "loading it could run code") from None
@@ -160,7 +158,7 @@ def load_models(model, dtype=torch.float32, device="cpu", t5=True):
     return models
 
 
-def _load_unet_family(model, source, kind, dtype):
+def _load_unet_family(kind, model, source, dtype, t5=None):
     """SD1.5 or SDXL from a diffusers pipeline folder or hub id."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -214,7 +212,7 @@ def _load_sd3(model, source, dtype, t5):
         raise ModelError(f"could not load {source}: {str(e).splitlines()[0]}") from None
 
 
-def _load_flux2(model, source, dtype):
+def _load_flux2(model, source, dtype, t5=None):
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
@@ -246,13 +244,14 @@ def _tiny_tokenizer(max_length=16):
 
 def build_tiny(kind="sd15", seed=0):
     """A random, small SD1.5-, SDXL-, SD3- or FLUX.2-like model (about 1M parameters), built in code: no download."""
+    return FAMILIES[kind].tiny(seed)
+
+
+def build_tiny_unet(kind="sd15", seed=0):
+    """A random, small SD1.5- or SDXL-like model: U-Net, VAE, one or two CLIP text encoders, SD's DDPM schedule."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    if kind == "sd3":
-        return build_tiny_sd3(seed)
-    if kind == "flux2":
-        return build_tiny_flux2(seed)
     torch.manual_seed(seed)
     tokenizer = _tiny_tokenizer()
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -366,28 +365,35 @@ def save_pipeline(models, out_dir):
 
 
 def make_pipeline(models):
-    """The diffusers text-to-image pipeline over these components (StableDiffusion, StableDiffusionXL or
-    StableDiffusion3)."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The diffusers text-to-image pipeline over these components (StableDiffusion, StableDiffusionXL,
+    StableDiffusion3 or Flux2Klein)."""
+    import diffusers
 
-    if models.kind == "flux2":
-        from diffusers import Flux2KleinPipeline
+    family = FAMILIES[models.kind]
+    return getattr(diffusers, family.pipeline)(**family.components(models))
 
-        return Flux2KleinPipeline(scheduler=models.scheduler, vae=models.vae, text_encoder=models.text_encoders[0],
-                                  tokenizer=models.tokenizers[0], transformer=models.unet, is_distilled=False)
-    if models.kind == "sd3":
-        (te, te2, te3), (tok, tok2, tok3) = models.text_encoders, models.tokenizers
-        return StableDiffusion3Pipeline(transformer=models.unet, scheduler=models.scheduler, vae=models.vae,
-                                        text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
-                                        text_encoder_3=te3, tokenizer_3=tok3)
-    if models.kind == "sdxl":
-        return StableDiffusionXLPipeline(vae=models.vae, text_encoder=models.text_encoders[0],
-                                         text_encoder_2=models.text_encoders[1], tokenizer=models.tokenizers[0],
-                                         tokenizer_2=models.tokenizers[1], unet=models.unet,
-                                         scheduler=models.scheduler)
-    return StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoders[0],
-                                   tokenizer=models.tokenizers[0], unet=models.unet, scheduler=models.scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+def _sd15_components(models):
+    return dict(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
+                unet=models.unet, scheduler=models.scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+
+
+def _sdxl_components(models):
+    return dict(vae=models.vae, text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
+                tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1], unet=models.unet,
+                scheduler=models.scheduler)
+
+
+def _sd3_components(models):
+    (te, te2, te3), (tok, tok2, tok3) = models.text_encoders, models.tokenizers
+    return dict(transformer=models.unet, scheduler=models.scheduler, vae=models.vae, text_encoder=te, tokenizer=tok,
+                text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
+
+
+def _flux2_components(models):
+    return dict(scheduler=models.scheduler, vae=models.vae, text_encoder=models.text_encoders[0],
+                tokenizer=models.tokenizers[0], transformer=models.unet, is_distilled=False)
 
 
 # -----------------------------------------------------------------------------
@@ -412,10 +418,9 @@ def encode_prompt(models, captions, original_sizes=None, crops_top_left=None, ta
     repeated, B captions -> repeat * B rows; original_sizes and crops_top_left are then per image.
     """
     device = models.unet.device
-    if models.kind == "sd3":
-        return repeat_cond(_sd3_text(models, list(captions), device), repeat)
-    if models.kind == "flux2":
-        return repeat_cond(_qwen3_text(models, list(captions), device), repeat)
+    text = FAMILIES[models.kind].text
+    if text is not None:  # no micro-conditioning: the prompt's embeddings alone
+        return repeat_cond(text(models, list(captions), device), repeat)
     hidden, pooled = [], None
     for tokenizer, text_encoder in zip(models.tokenizers, models.text_encoders):
         ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
@@ -603,10 +608,7 @@ def add_lora(unet, rank=64):
     text stream's add_q/k/v_proj and to_add_out too; return {name: fp32 parameter}."""
     from peft import LoraConfig
 
-    targets = LORA_TARGETS_SD3 if _prefix(unet) == "transformer" else LORA_TARGETS
-    if hasattr(unet, "single_transformer_blocks"):  # FLUX.2
-        targets = LORA_TARGETS_FLUX2 + [f"single_transformer_blocks.{i}.attn.to_out"
-                                        for i in range(len(unet.single_transformer_blocks))]
+    targets = FAMILIES[kind_of(unet)].lora_targets(unet)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     for p in params.values():
@@ -614,9 +616,17 @@ def add_lora(unet, rank=64):
     return params
 
 
+def kind_of(denoiser):
+    """The family of a denoiser itself (where no Models is at hand): "flux2", "sd3" or "sd15" (SDXL's U-Net takes
+    the same LoRA as SD1.5's)."""
+    if hasattr(denoiser, "single_transformer_blocks"):
+        return "flux2"
+    return "sd3" if hasattr(denoiser, "transformer_blocks") else "sd15"
+
+
 def _prefix(model):
-    """The LoRA file's key prefix for this denoiser: "transformer" (SD3) or "unet"."""
-    return "transformer" if hasattr(model, "transformer_blocks") else "unet"
+    """The LoRA file's key prefix for this denoiser: "transformer" (SD3, FLUX.2) or "unet"."""
+    return "transformer" if FAMILIES[kind_of(model)].flow else "unet"
 
 
 def lora_state_dict(unet):
@@ -650,14 +660,13 @@ def load_data(path, what):
 
 def save_lora(unet, out_dir):
     """Write OUT_DIR/pytorch_lora_weights.safetensors, loadable by pipe.load_lora_weights(out_dir)."""
-    from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    import diffusers
 
-    if hasattr(unet, "single_transformer_blocks"):  # "transformer." + PEFT names, as Flux2KleinPipeline reads them
-        Flux2KleinPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict(unet))
-    elif _prefix(unet) == "transformer":  # "transformer." + diffusers names, as StableDiffusion3Pipeline reads them
-        StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict(unet))
-    else:  # the SD1.5 and SDXL pipelines write and read U-Net LoRA keys alike ("unet." + diffusers names)
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet))
+    # "unet." + diffusers names (the SD1.5 and SDXL pipelines write and read U-Net LoRA keys alike); "transformer."
+    # + PEFT names for SD3 and FLUX.2, as their pipelines read them
+    prefix = _prefix(unet)
+    pipeline = getattr(diffusers, FAMILIES[kind_of(unet)].pipeline)
+    pipeline.save_lora_weights(out_dir, **{f"{prefix}_lora_layers": lora_state_dict(unet)})
 
 
 def check_lora(lora_dir):
@@ -698,6 +707,42 @@ def load_lora(unet, lora_dir, adapter_name="default"):
         raise ModelError(f"the LoRA in {lora_dir} does not fit this model's U-Net (trained on another one?): "
                          f"{first}") from None
     return unet
+
+
+# -----------------------------------------------------------------------------
+# Model families: what differs between SD1.5, SDXL, SD3.5 and FLUX.2 [klein], in one table. What a family does
+# not say is the same for all: the trainers, the losses and the encoder's step back read only `flow`; the encoder's
+# stages (encoder.py) follow the denoiser's own blocks; sample.denoise and encode_images follow the model they get.
+
+
+class Family(NamedTuple):
+    load: Callable  # (name, source, dtype, t5) -> Models, from a diffusers pipeline folder or hub id
+    tiny: Callable  # (seed) -> Models: a random model of about 1M parameters, built in code
+    text: Optional[Callable]  # (models, captions, device) -> cond; None: CLIP with SDXL's micro-conditioning
+    pipeline: str  # the diffusers pipeline: sampling, and its save_lora_weights writes the LoRA file
+    components: Callable  # (models) -> that pipeline's keyword arguments
+    lora_targets: Callable  # (denoiser) -> the module names the LoRA adapts
+    scale_kwarg: str  # the pipeline call's keyword that scales a LoRA
+    flow: bool  # rectified flow (velocity, Euler steps on sigmas) rather than DDPM noise prediction
+
+
+def _single_block_targets(transformer):  # FLUX.2: every single block's output, by its index (see LORA_TARGETS_FLUX2)
+    return LORA_TARGETS_FLUX2 + [f"single_transformer_blocks.{i}.attn.to_out"
+                                 for i in range(len(transformer.single_transformer_blocks))]
+
+
+FAMILIES = {
+    "sd15": Family(partial(_load_unet_family, "sd15"), partial(build_tiny_unet, "sd15"), None,
+                   "StableDiffusionPipeline", _sd15_components, lambda unet: LORA_TARGETS, "cross_attention_kwargs",
+                   flow=False),
+    "sdxl": Family(partial(_load_unet_family, "sdxl"), partial(build_tiny_unet, "sdxl"), None,
+                   "StableDiffusionXLPipeline", _sdxl_components, lambda unet: LORA_TARGETS, "cross_attention_kwargs",
+                   flow=False),
+    "sd3": Family(_load_sd3, build_tiny_sd3, _sd3_text, "StableDiffusion3Pipeline", _sd3_components,
+                  lambda transformer: LORA_TARGETS_SD3, "joint_attention_kwargs", flow=True),
+    "flux2": Family(_load_flux2, build_tiny_flux2, _qwen3_text, "Flux2KleinPipeline", _flux2_components,
+                    _single_block_targets, "attention_kwargs", flow=True),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -844,7 +889,7 @@ def sampling_pipeline(models, scheduler="euler"):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     pipe = make_pipeline(models)
-    if models.kind in ("sd3", "flux2"):
+    if FAMILIES[models.kind].flow:
         if scheduler != "euler":
             raise ValueError(f"{models.kind.upper()} samples with its flow-matching Euler scheduler, not {scheduler}")
         pipe.scheduler = type(models.scheduler).from_config(models.scheduler.config)
@@ -858,14 +903,13 @@ def sampling_pipeline(models, scheduler="euler"):
 @torch.no_grad()
 def text_length(models):
     """The pipeline call's T5 length for SD3, the one training encodes with (none for the others)."""
-    return {"max_sequence_length": models.text_tokens} if models.kind in ("sd3", "flux2") else {}
+    return {"max_sequence_length": models.text_tokens} if FAMILIES[models.kind].flow else {}
 
 
 def lora_scale(models, scale):
     """The pipeline call's keyword argument that scales a LoRA: SD3's joint_attention_kwargs, FLUX.2's
     attention_kwargs, else cross_attention_kwargs."""
-    name = {"sd3": "joint_attention_kwargs", "flux2": "attention_kwargs"}.get(models.kind, "cross_attention_kwargs")
-    return {name: {"scale": scale}}
+    return {FAMILIES[models.kind].scale_kwarg: {"scale": scale}}
 
 
 def validation_grid(models, prompts, resolution, seed=0, steps=20):
@@ -973,7 +1017,7 @@ def main(args):
         if not 0 <= args.seed < 2**32:
             raise ValueError(f"--seed {args.seed} must be between 0 and 2^32 - 1")
         run.check_output(args.out, "--out")
-        if kind in ("sd3", "flux2") and PROTOCOLS[args.protocol]["scheduler"] != "euler":
+        if FAMILIES[kind].flow and PROTOCOLS[args.protocol]["scheduler"] != "euler":
             raise ValueError(f"--protocol {args.protocol} samples with {PROTOCOLS[args.protocol]['scheduler']}; "
                              f"{kind.upper()} samples with its flow-matching Euler scheduler (--protocol ncp)")
         if args.lora:

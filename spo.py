@@ -241,9 +241,10 @@ def load_run(args, world_size, device, made):
     """Everything that can fail on a user's input, before anything is written (run.load_together runs it, local rank
     0 first). Returns (args, checkpoint or None, prompts, validation prompts, dtype, models, preference model)."""
     _, kind = sample.resolve_model(run.resumed_model(args))
-    if kind == "sd3":  # its sampler is a deterministic ODE: there is no step to draw candidates from
+    if sample.FAMILIES[kind].flow:  # its sampler is a deterministic ODE: there is no step to draw candidates from
         raise ValueError(f"spo.py trains SD1.5 and SDXL only: its candidates are stochastic DDIM steps, and "
-                         f"{args.model} is a rectified flow (SD3); train it with ncp_dpo.py, ncp_cpo.py or ncp_sft.py")
+                         f"{args.model} is a rectified flow ({kind.upper()}); train it with ncp_dpo.py, ncp_cpo.py "
+                         "or ncp_sft.py")
     args = fill_defaults(args, kind)
     ckpt = check_run(args, kind, made)
     run.check_batch(args, world_size, fit=ckpt is None)

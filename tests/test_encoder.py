@@ -181,6 +181,7 @@ def test_fp32_path_is_bit_equal_to_eq13_written_out(models):
 def _half_setup(models, n=8):
     """A policy LoRA that differs from the base, n pairs at timesteps over [0, 1000) (t < 50 included)."""
     g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)  # add_lora's own draws (lora_A) too: the same LoRA whatever ran before
     lora = sample.add_lora(models.unet, rank=4)
     with torch.no_grad():
         for name, p in lora.items():

@@ -287,7 +287,8 @@ def test_latent_dpo_with_a_16_channel_cache_on_webdataset(tmp_path):
     (["ncp_dpo.py", "--model", "tiny-sd3", "--encoder-depth", "6"], "from 1 to 5, got '6'"),
     (["ncp_cpo.py", "--model", "tiny", "--step-back", "3"], "--step-back 3 must be 1 (a DDPM model's step back"),
     (["spo.py", "--model", "tiny-sd3"], "spo.py trains SD1.5 and SDXL only"),
-], ids=["unet depth on sd3", "too deep", "step back on ddpm", "spo on sd3"])
+    (["spo.py", "--model", "tiny-flux2"], "tiny-flux2 is a rectified flow (FLUX2)"),
+], ids=["unet depth on sd3", "too deep", "step back on ddpm", "spo on sd3", "spo on flux2"])
 def test_sd3_flags_a_model_cannot_take_are_one_line(tmp_path, args, fragment):
     proc = run(*args, "--data", "synthetic", "--output-dir", tmp_path / "run", "--max-steps", "1")
     one_line_error(proc, fragment)
