@@ -250,14 +250,31 @@ def run_name(name, args, seed):
     return f"{name}-{args.precision}-beta{args.beta:g}-lr{args.lr:g}{back}-seed{seed}"
 
 
-def summarise(runs, steps):
-    """Runs that differ only by seed -> one row: mean and spread (min-max) of the radius at each checkpoint."""
-    groups = {}
+def winner_guard(folder):
+    """The highest winner_error_ratio (the policy's error on the preferred images over the reference's, which
+    run.py warns about past run.WINNER_ERROR_WARN) a run logged, from its metrics.jsonl; None without one."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        ratios = [r["winner_error_ratio"] for r in map(json.loads, f) if "winner_error_ratio" in r]
+    return max(ratios) if ratios else None
+
+
+def summarise(runs, steps, out=None):
+    """Runs that differ only by seed -> one row: mean and spread (min-max) of the radius at each checkpoint; with
+    out, the highest winner-error ratio the runs' folders in it logged."""
+    groups, guards = {}, {}
     for key, rows in runs.items():
-        groups.setdefault(key.rsplit("-seed", 1)[0], []).append(rows)
+        group = key.rsplit("-seed", 1)[0]
+        groups.setdefault(group, []).append(rows)
+        guard = winner_guard(os.path.join(out, key)) if out else None
+        if guard is not None:
+            guards[group] = max(guards.get(group, 0.0), guard)
     lines = ["| run | seeds | " + " | ".join(f"step {s}" for s in steps) + " | held-out accuracy at the end | "
-             "drift at the end | beta x margin, median at the end | saturated at the end |",
-             "| --- | --- |" + " --- |" * (len(steps) + 4)]
+             "drift at the end | beta x margin, median at the end | saturated at the end | winner error / "
+             "reference's, highest logged |",
+             "| --- | --- |" + " --- |" * (len(steps) + 5)]
     for group, members in groups.items():
         cells = []
         for i in range(len(steps)):
@@ -266,6 +283,7 @@ def summarise(runs, steps):
         ends = {k: [m[-1][k] for m in members if k in m[-1]] for k in ("heldout_accuracy", "drift",
                                                                           "beta_margin_p50", "saturated")}
         ends = [f"{np.mean(v):.3g}" if v else "" for v in ends.values()]  # runs measured before: no drift, regime
+        ends.append(f"{guards[group]:.3g}" if group in guards else "")
         lines.append(f"| {group} | {len(members)} | " + " | ".join(cells + ends) + " |")
     return lines
 
@@ -358,7 +376,7 @@ def main():
                     results["runs"][key] = rows
                 json.dump(results, open(path + ".tmp", "w"), indent=1)
                 os.replace(path + ".tmp", path)
-    lines = summarise(results["runs"], steps)
+    lines = summarise(results["runs"], steps, args.out)
     open(os.path.join(args.out, "results.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
     curves = {}
