@@ -326,11 +326,26 @@ def resumed_model(args):
     the model it trains (an SD3 run's --step-back 3 is refused against the default SDXL's U-Net)."""
     path = os.path.join(args.output_dir or "", "checkpoint.pt")
     if args.resume and "model" not in args.given and args.output_dir and os.path.isfile(path):
-        saved = sample.load_data(path, "a checkpoint")
-        model = saved.get("args", {}).get("model") if isinstance(saved, dict) else None
+        saved = read_checkpoint(path, keep=True)
+        flags = saved.get("args") if isinstance(saved, dict) else None
+        model = flags.get("model") if isinstance(flags, dict) else None
         if isinstance(model, str):
             args.model = model
     return args.model
+
+
+_kept = {}  # (path, size, mtime) -> the checkpoint resumed_model read, until resume_point takes it
+
+
+def read_checkpoint(path, keep=False):
+    """sample.load_data of a checkpoint, read from disk once for resumed_model (keep) and resume_point."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    ckpt = _kept.pop(key) if key in _kept else sample.load_data(path, "a checkpoint")
+    _kept.clear()
+    if keep:
+        _kept[key] = ckpt
+    return ckpt
 
 
 def resume_point(args, script, may_change):
@@ -531,7 +546,7 @@ def load_checkpoint(path, script):
     """A run's checkpoint.pt, read as data only (torch.load with weights_only=True: tensors, numbers, strings,
     lists, dicts), so that nothing in a run directory can run code. A file that is not that, or that another
     script wrote (its optimizer state would go on under another loss), is refused in one line."""
-    ckpt = sample.load_data(path, "a checkpoint")
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not {"step", "args", "lora"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint of this project's training scripts")
     if not (type(ckpt["step"]) is int and ckpt["step"] >= 0 and type(ckpt.get("data_position", 0)) is int
