@@ -506,7 +506,13 @@ def score_folder(scorer, folder, pairs, batch_size, name=""):
 
 
 def html_report(report, scores, pairs, path, gallery=24, screen=1366):
-    """One self-contained HTML page (inline SVG and CSS, a few lines of script for zooming; no library), in the
+    """Write html_page's page to `path`."""
+    write_together({path: html_page(report, scores, pairs, path, gallery, screen)})
+
+
+def html_page(report, scores, pairs, path, gallery=24, screen=1366):
+    """The text of one self-contained HTML page, to be written at `path` (its links to the images are relative to
+    it) (inline SVG and CSS, a few lines of script for zooming; no library), in the
     order a reader needs it:
     - the verdict: one sentence per scorer and folder, the first folder against each other (verdict());
     - per scorer, the folders ranked by mean score, with the paired difference from the first and its win rate;
@@ -686,9 +692,23 @@ def html_report(report, scores, pairs, path, gallery=24, screen=1366):
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{style}</style></head><body>{''.join(body)}<div id=\"full\"><img alt=\"full image\"></div>"
             f"<script>{script}</script></body></html>")
-    with open(path + ".tmp", "w") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)
+    return page
+
+
+def write_together(files):
+    """Write {path: text} all or none: every file goes to PATH.tmp first, and only when all are written are they
+    renamed into place; a failure (a full disk) removes the temporary files and raises, leaving what was there."""
+    try:
+        for path, text in files.items():
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+    except OSError:
+        for path in files:
+            if os.path.isfile(path + ".tmp"):
+                os.remove(path + ".tmp")
+        raise
+    for path in files:
+        os.replace(path + ".tmp", path)
 
 
 def parse_args(argv=None):
@@ -797,18 +817,17 @@ def main(args):
             print(verdict(report, name, folders[0], b))
     table = markdown(report)
     print(table)
-    for path, text in ((args.out, json.dumps(report, indent=1)), (args.markdown, table)):
-        if path:
-            try:
-                with open(path + ".tmp", "w") as f:
-                    f.write(text)
-                os.replace(path + ".tmp", path)
-            finally:
-                if os.path.exists(path + ".tmp"):
-                    os.remove(path + ".tmp")
+    files = {path: text for path, text in ((args.out, json.dumps(report, indent=1)), (args.markdown, table)) if path}
     if args.html:
         os.makedirs(args.html, exist_ok=True)
-        html_report(report, all_scores, pairs, os.path.join(args.html, "index.html"), args.gallery)
+        page = os.path.join(args.html, "index.html")
+        files[page] = html_page(report, all_scores, pairs, page, args.gallery)
+    try:
+        write_together(files)  # the report, the table and the page, all or none
+    except OSError as e:
+        sys.exit(f"error: could not write {e.filename or 'the reports'} ({e.strerror or e}): none of "
+                 f"{', '.join(files)} was written")
+    if args.html:
         print(f"page: {os.path.join(args.html, 'index.html')}")
 
 

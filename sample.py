@@ -1082,7 +1082,14 @@ def main(args):
                       **text_length(models), **(lora_scale(models, args.lora_scale) if args.lora else {})).images
         for (i, j), image in zip([(i, j) for i in chunk for j in range(k)], images):
             tmp = os.path.join(args.out, f".{image_name(i, j)}.tmp")
-            image.save(tmp, format="PNG")
+            try:
+                image.save(tmp, format="PNG")
+            except OSError as e:  # a full disk or quota: the images so far are whole, and the same command goes on
+                if os.path.isfile(tmp):
+                    os.remove(tmp)
+                bar.close()
+                sys.exit(f"error: could not write {image_name(i, j)} in {args.out} ({e.strerror or e}); the images "
+                         "written so far are kept: free some space and run the same command again to go on")
             os.replace(tmp, os.path.join(args.out, image_name(i, j)))  # a file that exists is complete
         bar.update(len(chunk) * k)
     bar.close()
@@ -1094,11 +1101,19 @@ def main(args):
         meta = {"model": args.model, "t5": args.t5, "lora": args.lora, "lora_scale": args.lora_scale,
                 "prompts": args.prompts,
                 "resolution": args.resolution, "protocol": protocol, "images": index}
-        with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
         first = [os.path.join(args.out, n) for item in index[:16] for n in item["files"][:1]]
-        make_grid(first).save(os.path.join(args.out, "grid.png"))
+        try:
+            with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
+                json.dump(meta, f, indent=1)
+            make_grid(first).save(os.path.join(args.out, ".grid.png.tmp"), format="PNG")
+        except OSError as e:
+            for tmp in ("index.json.tmp", ".grid.png.tmp"):
+                if os.path.isfile(os.path.join(args.out, tmp)):
+                    os.remove(os.path.join(args.out, tmp))
+            sys.exit(f"error: could not write index.json and grid.png in {args.out} ({e.strerror or e}); every image "
+                     "is written: free some space and run the same command again")
+        os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
+        os.replace(os.path.join(args.out, ".grid.png.tmp"), os.path.join(args.out, "grid.png"))
         print(f"{len(prompts)} prompts x {k} images in {args.out} (index.json, grid.png), protocol {protocol}")
     if world_size > 1:
         dist.destroy_process_group()

@@ -395,3 +395,28 @@ def test_a_low_open_file_limit_is_one_line_or_raised_to_what_a_run_needs(tmp_pat
     proc = limited(24, hard, tmp_path / "raised", "--max-steps", "2", "--num-workers", "2", "--log-every", "1")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert [m["step"] for m in metrics(tmp_path / "raised")] == [1, 2]
+
+
+def test_a_write_the_disk_refuses_is_one_line_and_loses_nothing(tmp_path, folders, scorer_dir):  # noqa: F811
+    """A full disk (here: a file that cannot be made, its temporary name taken by a folder). sample.py gave a
+    traceback and left a .tmp; evaluate.py left report.json written, the page not, and a 0-byte index.html.tmp.
+    Now one line each: sample.py keeps the images it wrote and the same command goes on; evaluate.py writes its
+    report, table and page all or none."""
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue circle\n")
+    out = tmp_path / "samples"
+    (out / ".00001_0.png.tmp").mkdir(parents=True)
+    command = ["sample.py", "--model", "tiny", "--prompts", tmp_path / "prompts.txt", "--out", out, "--steps", "1"]
+    one_line_error(run(*command), f"could not write 00001_0.png in {out} (Is a directory)")
+    first = (out / "00000_0.png").read_bytes()
+    assert not (out / "index.json").exists() and [p.name for p in out.glob(".*.tmp")] == [".00001_0.png.tmp"]
+    (out / ".00001_0.png.tmp").rmdir()
+    assert run(*command).returncode == 0
+    assert (out / "00000_0.png").read_bytes() == first and (out / "00001_0.png").exists() and (out / "index.json").exists()
+
+    a, b = folders
+    (tmp_path / "page" / "index.html.tmp").mkdir(parents=True)
+    proc = run("evaluate.py", a, b, "--out", tmp_path / "report.json", "--markdown", tmp_path / "table.md", "--html",
+               tmp_path / "page", "--pickscore-model", scorer_dir, "--pickscore-processor", scorer_dir)
+    one_line_error(proc, "(Is a directory): none of")
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "table.md").exists()
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == [] and os.listdir(tmp_path / "page") == ["index.html.tmp"]
