@@ -35,7 +35,8 @@ def test_step_cost_on_the_tiny_model(tmp_path):
     out = tmp_path / "cost.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--model", "tiny", "--steps", "3",
            "--micro-batch-size", "2", "--num-workers", "0", "--flops", "--out", str(out),
-           "--only", "dpo-latent", "dpo-ncp", "dpo-ncp-cached", "--", "--optimizer", "adamw", "--gradient-checkpointing"]
+           "--only", "dpo-latent", "dpo-ncp", "dpo-ncp-cached", "--", "--optimizer", "adamw",
+           "--gradient-checkpointing"]
     proc = launch.python(cmd, {**env(), "TMPDIR": str(tmp_path)}, ROOT, 600, merge=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
