@@ -507,7 +507,7 @@ def score_folder(scorer, folder, pairs, batch_size, name=""):
 
 def html_report(report, scores, pairs, path, gallery=24, screen=1366):
     """Write html_page's page to `path`."""
-    write_together({path: html_page(report, scores, pairs, path, gallery, screen)})
+    run.write_together({path: html_page(report, scores, pairs, path, gallery, screen)})
 
 
 def html_page(report, scores, pairs, path, gallery=24, screen=1366):
@@ -695,22 +695,6 @@ def html_page(report, scores, pairs, path, gallery=24, screen=1366):
     return page
 
 
-def write_together(files):
-    """Write {path: text} all or none: every file goes to PATH.tmp first, and only when all are written are they
-    renamed into place; a failure (a full disk) removes the temporary files and raises, leaving what was there."""
-    try:
-        for path, text in files.items():
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-    except OSError:
-        for path in files:
-            if os.path.isfile(path + ".tmp"):
-                os.remove(path + ".tmp")
-        raise
-    for path in files:
-        os.replace(path + ".tmp", path)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="sample.py folders, same prompts and seeds (two or more; the first is "
@@ -823,7 +807,7 @@ def main(args):
         page = os.path.join(args.html, "index.html")
         files[page] = html_page(report, all_scores, pairs, page, args.gallery)
     try:
-        write_together(files)  # the report, the table and the page, all or none
+        run.write_together(files)  # the report, the table and the page, all or none
     except OSError as e:
         sys.exit(f"error: could not write {e.filename or 'the reports'} ({e.strerror or e}): none of "
                  f"{', '.join(files)} was written")

@@ -510,13 +510,28 @@ def _save(out_dir, unet, state):
             os.replace(os.path.join(tmp, "checkpoint.pt"), os.path.join(out_dir, "checkpoint.pt"))
 
 
+def write_together(files):
+    """Write {path: text or bytes} all or none: each file goes to PATH.tmp first, and only when all are written are
+    they renamed into place (a reader never sees half a file); a failure (a full disk) removes the temporary files
+    and raises, leaving what was there."""
+    try:
+        for path, content in files.items():
+            with open(path + ".tmp", "wb" if isinstance(content, bytes) else "w") as f:
+                f.write(content)
+    except OSError:
+        for path in files:
+            if os.path.isfile(path + ".tmp"):
+                os.remove(path + ".tmp")
+        raise
+    for path in files:
+        os.replace(path + ".tmp", path)
+
+
 def write_config(out_dir, args):
     """OUTPUT_DIR/config.json: the run's settings, readable without torch (a resume rewrites it with the values it
     runs with)."""
-    path = os.path.join(out_dir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(run_args(args), f, indent=1, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+    write_together({os.path.join(out_dir, "config.json"): json.dumps(run_args(args), indent=1, sort_keys=True,
+                                                                     default=str)})
 
 
 def start_run(out_dir, step):
@@ -536,9 +551,7 @@ def start_run(out_dir, step):
             except json.JSONDecodeError:
                 lines, torn = lines[:-1], 1
         lines = [line.rstrip("\n") + "\n" for line in lines if json.loads(line).get("step", 0) <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
+        write_together({path: "".join(lines)})
     return torn
 
 

@@ -990,6 +990,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    import io
     import sys
 
     import run  # the run folder's checks (run.py imports this module)
@@ -1101,19 +1102,14 @@ def main(args):
         meta = {"model": args.model, "t5": args.t5, "lora": args.lora, "lora_scale": args.lora_scale,
                 "prompts": args.prompts,
                 "resolution": args.resolution, "protocol": protocol, "images": index}
-        first = [os.path.join(args.out, n) for item in index[:16] for n in item["files"][:1]]
+        grid = io.BytesIO()
+        make_grid([os.path.join(args.out, n) for item in index[:16] for n in item["files"][:1]]).save(grid, "PNG")
         try:
-            with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
-                json.dump(meta, f, indent=1)
-            make_grid(first).save(os.path.join(args.out, ".grid.png.tmp"), format="PNG")
+            run.write_together({os.path.join(args.out, "index.json"): json.dumps(meta, indent=1),
+                                os.path.join(args.out, "grid.png"): grid.getvalue()})
         except OSError as e:
-            for tmp in ("index.json.tmp", ".grid.png.tmp"):
-                if os.path.isfile(os.path.join(args.out, tmp)):
-                    os.remove(os.path.join(args.out, tmp))
             sys.exit(f"error: could not write index.json and grid.png in {args.out} ({e.strerror or e}); every image "
                      "is written: free some space and run the same command again")
-        os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
-        os.replace(os.path.join(args.out, ".grid.png.tmp"), os.path.join(args.out, "grid.png"))
         print(f"{len(prompts)} prompts x {k} images in {args.out} (index.json, grid.png), protocol {protocol}")
     if world_size > 1:
         dist.destroy_process_group()
