@@ -13,8 +13,9 @@ Runs the training scripts themselves, one after another in this one invocation, 
 and precision, on the same synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
 next --steps are timed one by one (the scripts' own step_time, logged every step). Reports seconds per step (the
 mean of the timed steps, and their spread: the fastest and the slowest), pairs per second, peak memory (GPU: peak
-allocated; CPU: peak resident set of the process) and the NCP / latent ratio. The last row, dpo-ncp-cached, is NCP-DPO with --cache-latents (the cache is filled before the
-timed steps): the target is that it costs no more than dpo-latent, which runs the VAE.
+allocated; CPU: peak resident set of the process) and the NCP / latent ratio. The last row, dpo-ncp-cached, is
+NCP-DPO with --cache-latents (the cache is filled before the timed steps): the target is that it costs no more
+than dpo-latent, which runs the VAE.
 
 --arch builds the real SD1.5 or SDXL architecture (U-Net, VAE, text encoders) with random weights, in code,
 and saves it as a pipeline directory for --model DIR: speed, memory and FLOPs do not depend on the weights'

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import data  # noqa: E402
 import encoder  # noqa: E402
 import plot_metrics  # noqa: E402
+import run  # noqa: E402
 import sample  # noqa: E402
 
 COLORS = data.COLORS
@@ -371,11 +372,10 @@ def main():
                     f"drift {drift:.3g}" + "".join(f", {k} {v:.3g}" for k, v in regime.items()))
             with data.flocked(path + ".lock"):  # after every run, merged into what other invocations wrote since:
                 if os.path.exists(path):  # an interrupted sweep keeps its runs, and sweeps may run side by side
-                    results["runs"] = {**json.load(open(path))["runs"], key: rows}
-                else:
-                    results["runs"][key] = rows
-                json.dump(results, open(path + ".tmp", "w"), indent=1)
-                os.replace(path + ".tmp", path)
+                    with open(path) as f:
+                        results["runs"] = json.load(f)["runs"]
+                results["runs"][key] = rows
+                run.write_together({path: json.dumps(results, indent=1)})
     lines = summarise(results["runs"], steps, args.out)
     open(os.path.join(args.out, "results.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
