@@ -17,8 +17,8 @@ Adam, it sets how far a step can move whatever beta is, so beta alone decides ho
 Runs of earlier sweeps with identical settings (same base, pairs, seeds, lr, precision, steps, checkpoints) are
 reused from their results files (REUSE) rather than trained again. Writes OUT/results.json (one row per run and
 checkpoint), OUT/frontier.png and OUT/samples-*.png (step 100 of the best point of each space and of the pair of
-points, one per space, whose drifts are closest); a grid whose run was reused is drawn by training that run again
-(deterministic: its radius must match the reused row).
+points, one per space, whose drifts are closest, from the lowest seed trained here); a point whose every seed was
+reused is drawn by training its seed 0 again, and the script prints both radii.
 """
 
 import argparse
@@ -184,20 +184,26 @@ def main():
     json.dump(rows, open(os.path.join(args.out, "results.json"), "w"), indent=1)
     open(os.path.join(args.out, "reused.txt"), "w").write("\n".join(reused) + "\n")
     plot(rows, os.path.join(args.out, "frontier.png"))
+    for stale in glob.glob(os.path.join(args.out, "samples-*.png")):  # grids of points no longer chosen
+        os.remove(stale)
     for arch in BASES:
         if not points(rows, arch, "ncp") or not points(rows, arch, "latent"):
             continue
         for name, (space, beta) in chosen(rows, arch).items():
-            grid = next(iter(glob.glob(os.path.join(args.work, arch + "*", key(space, beta, 0), "samples.png"))), "")
-            if not os.path.exists(grid):  # a reused run: trained again, apart, for its samples
-                grid = os.path.join(args.work, arch, "again", key(space, beta, 0), "samples.png")
-            if not os.path.exists(grid) and not args.no_train:
-                train(arch, os.path.join(args.work, arch, "again"), space, beta, [0])
-                again = load_runs(os.path.join(args.work, arch, "again"))[key(space, beta, 0)][-1]["radius"]
-                print(f"{arch} {key(space, beta, 0)}: radius {again:.4f} trained again, "
-                      f"{found[arch, space, beta, 0][0][-1]['radius']:.4f} reused")
-            if os.path.exists(grid):
-                shutil.copy(grid, os.path.join(args.out, f"samples-{arch}-{name}-beta{beta:g}.png"))
+            grids = {seed: os.path.join(source, key(space, beta, seed), "samples.png")  # of the rows' own runs
+                     for (a, s, b, seed), (_, source) in found.items() if (a, s, b) == (arch, space, beta)
+                     and source not in REUSE[arch]}
+            grids = {seed: g for seed, g in grids.items() if os.path.exists(g)}
+            if not grids:  # every seed reused: seed 0 trained again, apart, for its samples
+                again = os.path.join(args.work, arch, "again", key(space, beta, 0), "samples.png")
+                if not os.path.exists(again) and not args.no_train:
+                    train(arch, os.path.join(args.work, arch, "again"), space, beta, [0])
+                    redo = load_runs(os.path.join(args.work, arch, "again"))[key(space, beta, 0)][-1]["radius"]
+                    print(f"{arch} {key(space, beta, 0)}: radius {redo:.4f} trained again, "
+                          f"{found[arch, space, beta, 0][0][-1]['radius']:.4f} reused")
+                grids = {0: again} if os.path.exists(again) else {}
+            for seed, grid in sorted(grids.items())[:1]:  # the lowest seed that has one
+                shutil.copy(grid, os.path.join(args.out, f"samples-{arch}-{name}-beta{beta:g}-seed{seed}.png"))
         base_grid = os.path.join(args.work, arch, "base_samples.png")
         if os.path.exists(base_grid):
             shutil.copy(base_grid, os.path.join(args.out, f"samples-{arch}-base.png"))

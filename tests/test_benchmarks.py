@@ -154,3 +154,48 @@ def test_filter_speed_filters_a_generated_table_without_its_images(tmp_path):
     result = json.loads(out.read_text())["result"]
     assert result["format"] == "pickapic" and result["rows"] == 3000 and result["seconds"] > 0
     assert 0 < result["pairs"] < 3000 and result["ties"] > 0  # the filter kept some pairs and dropped the ties
+
+
+def test_frontier_reuses_earlier_sweeps_and_draws_the_chosen_points(tmp_path, monkeypatch, capsys):
+    """frontier.py takes a run from an earlier sweep before the work folder, lists what neither holds, picks the best
+    point of each space and the closest pair in log drift, and copies each grid from the lowest seed whose row was
+    trained in the work folder (never from a run whose row came from elsewhere)."""
+    import frontier
+
+    def runs(space, beta, seeds, radius, drift):
+        return {frontier.key(space, beta, s): [{"step": 0, "radius": 7.0, "colour_right": 0.3, "heldout_accuracy": 0.5},
+                                              {"step": 100, "radius": radius + s, "colour_right": 0.2,
+                                               "heldout_accuracy": 0.9, "drift": drift, "saturated": 0.1}]
+                for s in seeds}
+
+    earlier, work = tmp_path / "earlier", tmp_path / "work"
+    (earlier).mkdir()
+    (earlier / "results.json").write_text(json.dumps({"runs": {**runs("ncp", 10, [0, 1, 2], 11.0, 0.02),
+                                                               **runs("latent", 1, [0], 8.0, 0.001)}}))
+    for folder, found in (("unet", {**runs("latent", 1, [1], 8.0, 0.001), **runs("latent", 2, [0, 1], 9.0, 0.05)}),
+                          ("unet-b", runs("ncp", 10, [1], 99.0, 0.02))):  # ncp seed 1 is taken from `earlier` first
+        (work / folder / frontier.key("latent", 2, 0)).mkdir(parents=True)
+        (work / folder / "results.json").write_text(json.dumps({"runs": found}))
+    for name in (frontier.key("latent", 2, 1), frontier.key("ncp", 10, 1)):
+        (work / ("unet-b" if "ncp" in name else "unet") / name).mkdir(parents=True, exist_ok=True)
+        (work / ("unet-b" if "ncp" in name else "unet") / name / "samples.png").write_bytes(name.encode())
+    monkeypatch.setattr(frontier, "REUSE", {"unet": [str(earlier)], "sd3": []})
+    monkeypatch.setattr(frontier, "BETAS", {("unet", "ncp"): [10], ("unet", "latent"): [1, 2, 3]})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples-unet-best-ncp-beta1.png").write_bytes(b"stale")
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--no-train", "--work", str(work), "--out", str(out)])
+    frontier.main()
+    printed = capsys.readouterr().out
+    assert "not run yet: unet dpo-latent-bf16-beta3-lr0.001 seeds [0, 1]" in printed
+    rows = json.loads((out / "results.json").read_text())
+    at100 = {(r["space"], r["beta"], r["seed"]): r["radius"] for r in rows if r["step"] == 100}
+    assert at100 == {("ncp", 10, 0): 11.0, ("ncp", 10, 1): 12.0, ("ncp", 10, 2): 13.0, ("latent", 1, 0): 8.0,
+                     ("latent", 1, 1): 9.0, ("latent", 2, 0): 9.0, ("latent", 2, 1): 10.0}
+    assert (out / "reused.txt").read_text().count("earlier: ") == 4
+    grids = sorted(p.name for p in out.glob("samples-*.png"))
+    # latent beta 2: seed 0's run has no grid, seed 1's does; ncp beta 10: every row reused, so no grid without
+    # training seed 0 again (unet-b's seed-1 grid is not the reused row's run), and --no-train trains nothing
+    assert grids == ["samples-unet-best-latent-beta2-seed1.png", "samples-unet-matched-latent-beta2-seed1.png"]
+    assert (out / "samples-unet-best-latent-beta2-seed1.png").read_bytes() == frontier.key("latent", 2, 1).encode()
+    assert (out / "frontier.png").stat().st_size > 0
