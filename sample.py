@@ -1067,9 +1067,7 @@ def main(args):
     pipe = sampling_pipeline(models, protocol["scheduler"])
     os.makedirs(args.out, exist_ok=True)
     if rank == 0:  # what made the images in this folder, before the first of them: a resume is checked against it
-        with open(os.path.join(args.out, COMMAND_FILE + ".tmp"), "w") as f:
-            json.dump(command, f, indent=1)
-        os.replace(os.path.join(args.out, COMMAND_FILE + ".tmp"), os.path.join(args.out, COMMAND_FILE))
+        run.write_together({os.path.join(args.out, COMMAND_FILE): json.dumps(command, indent=1)})
     done = lambda i: all(os.path.exists(os.path.join(args.out, image_name(i, j))) for j in range(k))  # noqa: E731
     mine = [i for i in range(rank, len(prompts), world_size) if not done(i)]  # sharded over ranks; resumable
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
@@ -1082,16 +1080,14 @@ def main(args):
                                  for i in chunk for j in range(k)],  # the pipeline's order: prompt-major
                       **text_length(models), **(lora_scale(models, args.lora_scale) if args.lora else {})).images
         for (i, j), image in zip([(i, j) for i in chunk for j in range(k)], images):
-            tmp = os.path.join(args.out, f".{image_name(i, j)}.tmp")
-            try:
-                image.save(tmp, format="PNG")
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            try:  # a file that exists is complete
+                run.write_together({os.path.join(args.out, image_name(i, j)): png.getvalue()})
             except OSError as e:  # a full disk or quota: the images so far are whole, and the same command goes on
-                if os.path.isfile(tmp):
-                    os.remove(tmp)
                 bar.close()
                 sys.exit(f"error: could not write {image_name(i, j)} in {args.out} ({e.strerror or e}); the images "
                          "written so far are kept: free some space and run the same command again to go on")
-            os.replace(tmp, os.path.join(args.out, image_name(i, j)))  # a file that exists is complete
         bar.update(len(chunk) * k)
     bar.close()
     if world_size > 1:

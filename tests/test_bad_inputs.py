@@ -404,12 +404,12 @@ def test_a_write_the_disk_refuses_is_one_line_and_loses_nothing(tmp_path, folder
     report, table and page all or none."""
     (tmp_path / "prompts.txt").write_text("a red circle\na blue circle\n")
     out = tmp_path / "samples"
-    (out / ".00001_0.png.tmp").mkdir(parents=True)
+    (out / "00001_0.png.tmp").mkdir(parents=True)
     command = ["sample.py", "--model", "tiny", "--prompts", tmp_path / "prompts.txt", "--out", out, "--steps", "1"]
     one_line_error(run(*command), f"could not write 00001_0.png in {out} (Is a directory)")
     first = (out / "00000_0.png").read_bytes()
-    assert not (out / "index.json").exists() and [p.name for p in out.glob(".*.tmp")] == [".00001_0.png.tmp"]
-    (out / ".00001_0.png.tmp").rmdir()
+    assert not (out / "index.json").exists() and [p.name for p in out.glob("*.tmp")] == ["00001_0.png.tmp"]
+    (out / "00001_0.png.tmp").rmdir()
     assert run(*command).returncode == 0
     assert (out / "00000_0.png").read_bytes() == first  # kept, not drawn again
     assert (out / "00001_0.png").exists() and (out / "index.json").exists()
