@@ -840,8 +840,8 @@ class ImageStore:
         return {**self.__dict__, "_index": None}
 
     def missing(self):
-        """The shards not copied yet."""
-        return np.flatnonzero(self.arrays()[1] == 0)
+        """The shards not copied yet (polled while other ranks build: reads done.npy, not the whole index)."""
+        return np.flatnonzero(open_arrays(self.dir, self.specs(), "image store")[1] == 0)
 
     def build(self, dataset, todo, rank=0, world_size=1, progress=False):
         """Copy this rank's share of the shards `todo` (self.missing(), read by every rank before any starts).
