@@ -16,7 +16,8 @@ Adam, it sets how far a step can move whatever beta is, so beta alone decides ho
 
 Runs of earlier sweeps with identical settings (same base, pairs, seeds, lr, precision, steps, checkpoints) are
 reused from their results files (REUSE) rather than trained again. Writes OUT/results.json (one row per run and
-checkpoint), OUT/frontier.png and OUT/samples-*.png (step 100 of the best point of each space and of the pair of
+checkpoint), OUT/summary.md (each point's means and seed ranges, and each point against the other space's curve at
+its drift), OUT/frontier.png and OUT/samples-*.png (step 100 of the best point of each space and of the pair of
 points, one per space, whose drifts are closest, from the lowest seed trained here); a point whose every seed was
 reused is drawn by training its seed 0 again, and the script prints both radii.
 """
@@ -37,7 +38,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BASES = {"unet": os.path.join(RESULTS, "toy", "base"), "sd3": os.path.join(RESULTS, "toy_sd3", "base")}
 REUSE = {"unet": [os.path.join(RESULTS, "toy_beta")], "sd3": [os.path.join(RESULTS, "toy_sd3")]}
 BETAS = {("unet", "ncp"): [2500, 25000, 250000, 2.5e6, 2.5e7], ("unet", "latent"): [2.5, 25, 250, 2500],
-         ("sd3", "ncp"): [2500, 25000, 250000, 2.5e6], ("sd3", "latent"): [2.5, 25, 250, 2500]}
+         ("sd3", "ncp"): [2500, 25000, 250000, 2.5e6], ("sd3", "latent"): [0.25, 2.5, 25, 250, 2500]}
 SEEDS = [0, 1]  # trained where missing
 EXTRA_SEEDS = [2]  # taken too where an earlier sweep ran them
 LR = 1e-3
@@ -121,6 +122,54 @@ def chosen(rows, arch):
     pairs = [(abs(math.log(mean(a, "drift") / mean(b, "drift"))), ba, bb) for ba, a in ncp for bb, b in latent]
     _, ba, bb = min(pairs)
     return {**best, "matched-ncp": ("ncp", ba), "matched-latent": ("latent", bb)}
+
+
+def at_drift(pts, drift, field):
+    """The curve of points [(beta, rows)] read at `drift`: linear in log drift between the two points (adjacent in
+    drift) around it. (value, beta, beta) or None outside the curve's drifts."""
+    curve = sorted((math.log(mean(rs, "drift")), mean(rs, field), beta) for beta, rs in pts)
+    x = math.log(drift)
+    for (x0, y0, b0), (x1, y1, b1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0 if x1 > x0 else 1.0), b0, b1
+    return None
+
+
+def summary(rows):
+    """summary.md: each point's means and seed ranges at step 100, and each point against the other space's curve at
+    the same drift (the frontier's verdict, read off the data)."""
+    lines = []
+    for arch in BASES:
+        if not any(r["arch"] == arch for r in rows):
+            continue
+        base = next(r for r in rows if r["arch"] == arch and r["step"] == 0)
+        lines += [f"## {arch}: step 100 (base radius {base['radius']:.2f} px, right colour {base['colour']:.2f})", "",
+                  "| space | beta | seeds | radius gain (px) | drift | right colour | saturated | held-out accuracy |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+        def spread(rs, field, fmt, offset=0.0):
+            vals = [r[field] - offset for r in rs]
+            return f"{np.mean(vals):{fmt}} ({min(vals):{fmt}} to {max(vals):{fmt}})" if len(rs) > 1 else \
+                f"{vals[0]:{fmt}}"
+
+        for space in ("ncp", "latent"):
+            for beta, rs in points(rows, arch, space):
+                lines.append(f"| {space} | {beta:g} | {len(rs)} | {spread(rs, 'radius', '+.2f', base['radius'])} | "
+                             f"{spread(rs, 'drift', '.3g')} | {spread(rs, 'colour', '.2f')} | "
+                             f"{mean(rs, 'saturated'):.0%} | {mean(rs, 'heldout_accuracy'):.2f} |")
+        lines += ["", "At the same drift (the other space's curve read between its two points around that drift, "
+                  "linear in log drift):", ""]
+        for space, other in (("ncp", "latent"), ("latent", "ncp")):
+            for beta, rs in points(rows, arch, space):
+                drift = mean(rs, "drift")
+                gain = at_drift(points(rows, arch, other), drift, "radius")
+                colour = at_drift(points(rows, arch, other), drift, "colour")
+                there = (f"{other} {gain[0] - base['radius']:+.2f} px, colour {colour[0]:.2f} (between its betas "
+                         f"{gain[1]:g} and {gain[2]:g})" if gain else f"outside {other}'s drifts")
+                lines.append(f"- {space} beta {beta:g} at drift {drift:.3g}: {mean(rs, 'radius') - base['radius']:+.2f} "
+                             f"px, colour {mean(rs, 'colour'):.2f}; {there}")
+        lines.append("")
+    return lines
 
 
 def plot(rows, path):
@@ -207,14 +256,9 @@ def main():
         base_grid = os.path.join(args.work, arch, "base_samples.png")
         if os.path.exists(base_grid):
             shutil.copy(base_grid, os.path.join(args.out, f"samples-{arch}-base.png"))
-    for arch in BASES:
-        for space in ("ncp", "latent"):
-            for beta, rs in points(rows, arch, space):
-                print(f"{arch:4} {space:6} beta {beta:<9g} radius {mean(rs, 'radius'):6.2f} "
-                      f"({min(r['radius'] for r in rs):.2f}-{max(r['radius'] for r in rs):.2f})  drift "
-                      f"{mean(rs, 'drift'):.3g}  colour {mean(rs, 'colour'):.2f}  saturated {mean(rs, 'saturated'):.0%}"
-                      f"  held-out acc {mean(rs, 'heldout_accuracy'):.2f}  seeds {len(rs)}")
-
+    lines = summary(rows)
+    open(os.path.join(args.out, "summary.md"), "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -193,6 +193,10 @@ def test_frontier_reuses_earlier_sweeps_and_draws_the_chosen_points(tmp_path, mo
     assert at100 == {("ncp", 10, 0): 11.0, ("ncp", 10, 1): 12.0, ("ncp", 10, 2): 13.0, ("latent", 1, 0): 8.0,
                      ("latent", 1, 1): 9.0, ("latent", 2, 0): 9.0, ("latent", 2, 1): 10.0}
     assert (out / "reused.txt").read_text().count("earlier: ") == 4
+    # latent's curve at ncp's drift 0.02, between its drifts 0.001 (mean radius 8.5) and 0.05 (9.5), linear in log
+    # drift: 8.5 + ln(20) / ln(50) = 9.266, a gain of 2.27 over the base's 7 px; ncp's own is 12 - 7
+    assert "- ncp beta 10 at drift 0.02: +5.00 px, colour 0.20; latent +2.27 px, colour 0.20 (between its betas 1 " \
+        "and 2)" in (out / "summary.md").read_text().splitlines()
     grids = sorted(p.name for p in out.glob("samples-*.png"))
     # latent beta 2: seed 0's run has no grid, seed 1's does; ncp beta 10: every row reused, so no grid without
     # training seed 0 again (unet-b's seed-1 grid is not the reused row's run), and --no-train trains nothing
