@@ -276,9 +276,8 @@ def down_stack(unet, x, t, cond, depth="mid"):
 def _stages(unet, x, t, cond, depth):
     """E as a list of stages, chosen once by the model: the U-Net's or the MMDiT's. The time and text embeddings,
     which do not depend on x, are computed here, once."""
-    if hasattr(unet, "single_transformer_blocks"):
-        return _flux2_stages(unet, x, t, cond, depth)
-    return (_mmdit_stages if is_transformer(unet) else _unet_stages)(unet, x, t, cond, depth)
+    stages = {"sd15": _unet_stages, "sd3": _mmdit_stages, "flux2": _flux2_stages}[family(unet)]
+    return stages(unet, x, t, cond, depth)
 
 
 def _unet_stages(unet, x, t, cond, depth):
@@ -370,9 +369,12 @@ def latent_ids(x):
     return torch.stack([zero, rows, cols, zero], dim=-1).flatten(0, 1)
 
 
-def is_transformer(model):
-    """Whether the denoiser is SD3's transformer (joint blocks) rather than a U-Net."""
-    return hasattr(model, "transformer_blocks")
+def family(denoiser):
+    """The denoiser's family, from the model itself: "flux2" (single-stream blocks), "sd3" (joint blocks only) or
+    "sd15" (a U-Net; SDXL's has the same stages)."""
+    if hasattr(denoiser, "single_transformer_blocks"):
+        return "flux2"
+    return "sd3" if hasattr(denoiser, "transformer_blocks") else "sd15"
 
 
 def blocks_of(model, depth):

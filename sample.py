@@ -608,7 +608,7 @@ def add_lora(unet, rank=64):
     text stream's add_q/k/v_proj and to_add_out too; return {name: fp32 parameter}."""
     from peft import LoraConfig
 
-    targets = FAMILIES[kind_of(unet)].lora_targets(unet)
+    targets = FAMILIES[encoder.family(unet)].lora_targets(unet)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     for p in params.values():
@@ -616,17 +616,9 @@ def add_lora(unet, rank=64):
     return params
 
 
-def kind_of(denoiser):
-    """The family of a denoiser itself (where no Models is at hand): "flux2", "sd3" or "sd15" (SDXL's U-Net takes
-    the same LoRA as SD1.5's)."""
-    if hasattr(denoiser, "single_transformer_blocks"):
-        return "flux2"
-    return "sd3" if hasattr(denoiser, "transformer_blocks") else "sd15"
-
-
 def _prefix(model):
     """The LoRA file's key prefix for this denoiser: "transformer" (SD3, FLUX.2) or "unet"."""
-    return "transformer" if FAMILIES[kind_of(model)].flow else "unet"
+    return "transformer" if FAMILIES[encoder.family(model)].flow else "unet"
 
 
 def lora_state_dict(unet):
@@ -665,7 +657,7 @@ def save_lora(unet, out_dir):
     # "unet." + diffusers names (the SD1.5 and SDXL pipelines write and read U-Net LoRA keys alike); "transformer."
     # + PEFT names for SD3 and FLUX.2, as their pipelines read them
     prefix = _prefix(unet)
-    pipeline = getattr(diffusers, FAMILIES[kind_of(unet)].pipeline)
+    pipeline = getattr(diffusers, FAMILIES[encoder.family(unet)].pipeline)
     pipeline.save_lora_weights(out_dir, **{f"{prefix}_lora_layers": lora_state_dict(unet)})
 
 
