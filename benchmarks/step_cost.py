@@ -371,7 +371,12 @@ def main():
                              "peak_mem_gib": max(r["peak_mem_gib"] for r in timed),
                              "nonfinite_steps": sum(r["nonfinite_steps"] for r in timed)}
             if args.flops:
+                with open(os.path.join(tmp, name, "config.json")) as f:  # the flags the timed run resolved
+                    checkpointing = json.load(f)["gradient_checkpointing"]
                 for kind, key in (("model", "tflops_per_step"), ("executed", "executed_tflops_per_step")):
+                    if kind == "executed" and not checkpointing:  # nothing recomputed: the same count
+                        results[name][key] = results[name]["tflops_per_step"]
+                        continue
                     results[name][key] = run(script, space, args, os.path.join(tmp, f"{name}-{kind}-flops"), model,
                                              source, extra, flops=kind) / 1e12
                 if peak:
