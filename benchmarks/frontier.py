@@ -194,10 +194,13 @@ def plot(rows, path):
                 xs = [mean(rs, "drift") for _, rs in pts]
                 ys = [mean(rs, field) - offset for _, rs in pts]
                 ax.plot(xs, ys, color=color, marker=marker, label=f"{space} DPO, mean over seeds")
-                for (beta, rs), x, y in zip(pts, xs, ys):
-                    sat = mean(rs, "saturated")
-                    ax.annotate(f"β={beta:g}\n{sat:.0%} sat.", (x, y), textcoords="offset points", xytext=(6, 4),
-                                fontsize=7, color=color)
+                rank = {x: i for i, x in enumerate(sorted(xs))}
+                for (beta, rs), x, y in zip(pts, xs, ys):  # NCP's labels right, latent's left; in drift order,
+                    sat = mean(rs, "saturated")  # above and below in turn: points of near-equal drift stay legible
+                    side = 1 if space == "ncp" else -1
+                    ax.annotate(f"β={beta:g}\n{sat:.0%} sat.", (x, y), textcoords="offset points", fontsize=7,
+                                xytext=(6 * side, 4 if rank[x] % 2 == 0 else -20), color=color,
+                                ha="left" if side == 1 else "right")
         row[1].axhline(base["colour"], color="grey", linestyle=":", linewidth=1, label="base model")
         row[0].axhline(0, color="grey", linestyle=":", linewidth=1, label="base model")
         name = {"unet": "U-Net toy (DDPM)", "sd3": "SD3 toy (MMDiT, rectified flow)"}[arch]
