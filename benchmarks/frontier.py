@@ -38,7 +38,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BASES = {"unet": os.path.join(RESULTS, "toy", "base"), "sd3": os.path.join(RESULTS, "toy_sd3", "base")}
 REUSE = {"unet": [os.path.join(RESULTS, "toy_beta")], "sd3": [os.path.join(RESULTS, "toy_sd3")]}
 BETAS = {("unet", "ncp"): [2500, 25000, 250000, 2.5e6, 2.5e7], ("unet", "latent"): [2.5, 25, 250, 2500],
-         ("sd3", "ncp"): [2500, 25000, 250000, 2.5e6], ("sd3", "latent"): [0.25, 2.5, 25, 250, 2500]}
+         ("sd3", "ncp"): [2500, 25000, 250000, 2.5e6], ("sd3", "latent"): [0.025, 0.25, 2.5, 25, 250, 2500]}
 SEEDS = [0, 1]  # trained where missing
 EXTRA_SEEDS = [2]  # taken too where an earlier sweep ran them
 LR = 1e-3
@@ -166,6 +166,13 @@ def summary(rows):
                 colour = at_drift(points(rows, arch, other), drift, "colour")
                 there = (f"{other} {gain[0] - base['radius']:+.2f} px, colour {colour[0]:.2f} (between its betas "
                          f"{gain[1]:g} and {gain[2]:g})" if gain else f"outside {other}'s drifts")
+                own = [(r["radius"] - g[0], r["colour"] - c[0]) for r in rs  # each seed at its own drift
+                       for g, c in [(at_drift(points(rows, arch, other), r["drift"], f) for f in ("radius", "colour"))]
+                       if g]
+                if len(rs) > 1 and own:
+                    there += (f"; seed by seed, each at its own drift ({len(own)} of {len(rs)} inside {other}'s): "
+                              f"{min(d for d, _ in own):+.2f} to {max(d for d, _ in own):+.2f} px, colour "
+                              f"{min(c for _, c in own):+.2f} to {max(c for _, c in own):+.2f} against {other}")
                 lines.append(f"- {space} beta {beta:g} at drift {drift:.3g}: {mean(rs, 'radius') - base['radius']:+.2f} "
                              f"px, colour {mean(rs, 'colour'):.2f}; {there}")
         lines.append("")

@@ -195,8 +195,10 @@ def test_frontier_reuses_earlier_sweeps_and_draws_the_chosen_points(tmp_path, mo
     assert (out / "reused.txt").read_text().count("earlier: ") == 4
     # latent's curve at ncp's drift 0.02, between its drifts 0.001 (mean radius 8.5) and 0.05 (9.5), linear in log
     # drift: 8.5 + ln(20) / ln(50) = 9.266, a gain of 2.27 over the base's 7 px; ncp's own is 12 - 7
+    # and each seed (radius 11, 12, 13) against that curve at its own drift
     assert "- ncp beta 10 at drift 0.02: +5.00 px, colour 0.20; latent +2.27 px, colour 0.20 (between its betas 1 " \
-        "and 2)" in (out / "summary.md").read_text().splitlines()
+        "and 2); seed by seed, each at its own drift (3 of 3 inside latent's): +1.73 to +3.73 px, colour +0.00 to " \
+        "+0.00 against latent" in (out / "summary.md").read_text().splitlines()
     grids = sorted(p.name for p in out.glob("samples-*.png"))
     # latent beta 2: seed 0's run has no grid, seed 1's does; ncp beta 10: every row reused, so no grid without
     # training seed 0 again (unet-b's seed-1 grid is not the reused row's run), and --no-train trains nothing
