@@ -17,9 +17,9 @@ Adam, it sets how far a step can move whatever beta is, so beta alone decides ho
 Runs of earlier sweeps with identical settings (same base, pairs, seeds, lr, precision, steps, checkpoints) are
 reused from their results files (REUSE) rather than trained again. Writes OUT/results.json (one row per run and
 checkpoint), OUT/summary.md (each point's means and seed ranges, and each point against the other space's curve at
-its drift), OUT/frontier.png and OUT/samples-*.png (step 100 of the best point of each space and of the pair of
-points, one per space, whose drifts are closest, from the lowest seed trained here); a point whose every seed was
-reused is drawn by training its seed 0 again, and the script prints both radii.
+its drift), OUT/frontier.png, OUT/logs/ (the work folders' logs) and OUT/samples-*.png (step 100 of the best point
+of each space and of the pair of points, one per space, whose drifts are closest, from the lowest seed trained
+here); a point whose every seed was reused is drawn by training its seed 0 again, and the script prints both radii.
 """
 
 import argparse
@@ -245,6 +245,11 @@ def main():
     plot(rows, os.path.join(args.out, "frontier.png"))
     for stale in glob.glob(os.path.join(args.out, "samples-*.png")):  # grids of points no longer chosen
         os.remove(stale)
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    for log in glob.glob(os.path.join(args.work, "*", "log.txt")) + glob.glob(os.path.join(args.work, "*", "again",
+                                                                                            "log.txt")):
+        name = os.path.relpath(os.path.dirname(log), args.work).replace(os.sep, "-")
+        shutil.copy(log, os.path.join(args.out, "logs", f"{name}.txt"))  # the runs' own lines, beside the rows
     for arch in BASES:
         if not points(rows, arch, "ncp") or not points(rows, arch, "latent"):
             continue
