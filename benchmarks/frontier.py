@@ -173,8 +173,9 @@ def summary(rows):
                     there += (f"; seed by seed, each at its own drift ({len(own)} of {len(rs)} inside {other}'s): "
                               f"{min(d for d, _ in own):+.2f} to {max(d for d, _ in own):+.2f} px, colour "
                               f"{min(c for _, c in own):+.2f} to {max(c for _, c in own):+.2f} against {other}")
-                lines.append(f"- {space} beta {beta:g} at drift {drift:.3g}: {mean(rs, 'radius') - base['radius']:+.2f} "
-                             f"px, colour {mean(rs, 'colour'):.2f}; {there}")
+                gained = mean(rs, "radius") - base["radius"]
+                lines.append(f"- {space} beta {beta:g} at drift {drift:.3g}: {gained:+.2f} px, colour "
+                             f"{mean(rs, 'colour'):.2f}; {there}")
         lines.append("")
     return lines
 
