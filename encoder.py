@@ -274,8 +274,8 @@ def down_stack(unet, x, t, cond, depth="mid"):
 
 
 def _stages(unet, x, t, cond, depth):
-    """E as a list of stages, chosen once by the model: the U-Net's or the MMDiT's. The time and text embeddings,
-    which do not depend on x, are computed here, once."""
+    """E as a list of stages, chosen once by the model's family: the U-Net's, SD3's or FLUX.2's. The time and text
+    embeddings, which do not depend on x, are computed here, once."""
     stages = {"sd15": _unet_stages, "sd3": _mmdit_stages, "flux2": _flux2_stages}[family(unet)]
     return stages(unet, x, t, cond, depth)
 

@@ -160,15 +160,15 @@ def summary(rows):
         lines += ["", "At the same drift (the other space's curve read between its two points around that drift, "
                   "linear in log drift):", ""]
         for space, other in (("ncp", "latent"), ("latent", "ncp")):
+            curve = points(rows, arch, other)
             for beta, rs in points(rows, arch, space):
                 drift = mean(rs, "drift")
-                gain = at_drift(points(rows, arch, other), drift, "radius")
-                colour = at_drift(points(rows, arch, other), drift, "colour")
+                gain, colour = at_drift(curve, drift, "radius"), at_drift(curve, drift, "colour")
                 there = (f"{other} {gain[0] - base['radius']:+.2f} px, colour {colour[0]:.2f} (between its betas "
                          f"{gain[1]:g} and {gain[2]:g})" if gain else f"outside {other}'s drifts")
-                own = [(r["radius"] - g[0], r["colour"] - c[0]) for r in rs  # each seed at its own drift
-                       for g, c in [(at_drift(points(rows, arch, other), r["drift"], f) for f in ("radius", "colour"))]
-                       if g]
+                own = [(r["radius"] - at_drift(curve, r["drift"], "radius")[0],  # each seed at its own drift
+                        r["colour"] - at_drift(curve, r["drift"], "colour")[0])
+                       for r in rs if at_drift(curve, r["drift"], "radius")]
                 if len(rs) > 1 and own:
                     there += (f"; seed by seed, each at its own drift ({len(own)} of {len(rs)} inside {other}'s): "
                               f"{min(d for d, _ in own):+.2f} to {max(d for d, _ in own):+.2f} px, colour "
@@ -241,8 +241,13 @@ def main():
     rows = rows_of(found)
     reused = sorted({f"{os.path.relpath(src, ROOT)}: {key(s, b, seed)}" for (a, s, b, seed), (_, src) in found.items()
                      if src in REUSE[a]})
-    json.dump(rows, open(os.path.join(args.out, "results.json"), "w"), indent=1)
-    open(os.path.join(args.out, "reused.txt"), "w").write("\n".join(reused) + "\n")
+    lines = summary(rows)
+    sys.path.insert(0, ROOT)
+    import run  # the project's all-or-none writer (run.py imports torch: here, not at start-up)
+
+    run.write_together({os.path.join(args.out, "results.json"): json.dumps(rows, indent=1),
+                        os.path.join(args.out, "reused.txt"): "\n".join(reused) + "\n",
+                        os.path.join(args.out, "summary.md"): "\n".join(lines) + "\n"})
     plot(rows, os.path.join(args.out, "frontier.png"))
     for stale in glob.glob(os.path.join(args.out, "samples-*.png")):  # grids of points no longer chosen
         os.remove(stale)
@@ -272,9 +277,8 @@ def main():
         base_grid = os.path.join(args.work, arch, "base_samples.png")
         if os.path.exists(base_grid):
             shutil.copy(base_grid, os.path.join(args.out, f"samples-{arch}-base.png"))
-    lines = summary(rows)
-    open(os.path.join(args.out, "summary.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()
