@@ -15,11 +15,13 @@ spaces and both toys. It is the rate every earlier toy comparison started from a
 Adam, it sets how far a step can move whatever beta is, so beta alone decides how many pairs still pull.
 
 Runs of earlier sweeps with identical settings (same base, pairs, seeds, lr, precision, steps, checkpoints) are
-reused from their results files (REUSE) rather than trained again. Writes OUT/results.json (one row per run and
-checkpoint), OUT/summary.md (each point's means and seed ranges, and each point against the other space's curve at
-its drift), OUT/frontier.png, OUT/logs/ (the work folders' logs) and OUT/samples-*.png (step 100 of the best point
-of each space and of the pair of points, one per space, whose drifts are closest, from the lowest seed trained
-here); a point whose every seed was reused is drawn by training its seed 0 again, and the script prints both radii.
+reused from their results files (REUSE) rather than trained again, and so are the rows this script filed in an
+earlier run (OUT/results.json: a fresh clone has those rows, not the work folder they were trained in). Writes
+OUT/results.json (one row per run and checkpoint), OUT/summary.md (each point's means and seed ranges, and each
+point against the other space's curve at its drift), OUT/frontier.png, OUT/logs/ (the work folders' logs) and
+OUT/samples-*.png (step 100 of the best point of each space and of the pair of points, one per space, whose drifts
+are closest, from the lowest seed trained here, or the grid an earlier run drew); a point whose every seed was
+reused and that has no grid yet is drawn by training its seed 0 again, and the script prints both radii.
 """
 
 import argparse
@@ -65,12 +67,26 @@ def load_runs(folder):
     return json.load(open(path))["runs"] if os.path.exists(path) else {}
 
 
-def gather(work, may_train):
-    """{(arch, space, beta, seed): (rows, source)}, training the runs no results file holds."""
-    found = {}
+def filed_runs(path):
+    """The runs an earlier frontier.py filed in `path` (its results.json), as toy_alignment.py's results
+    {arch: {run name: rows}}: a fresh clone has no work folder, and the filed rows are the record."""
+    out = {}
+    for r in json.load(open(path)) if os.path.exists(path) else []:
+        if r["lr"] == LR:
+            out.setdefault(r["arch"], {}).setdefault(key(r["space"], r["beta"], r["seed"]), []).append(
+                {"step": r["step"], "radius": r["radius"], "colour_right": r["colour"], "drift": r["drift"],
+                 "saturated": r["saturated"], "heldout_accuracy": r["heldout_accuracy"]})
+    return out
+
+
+def gather(work, may_train, filed):
+    """{(arch, space, beta, seed): (rows, source)}, training the runs no results file holds. Sources in order: the
+    earlier sweeps, the work folders, then `filed` (this script's own results.json from an earlier run)."""
+    found, earlier = {}, filed_runs(filed)
     for (arch, space), betas in BETAS.items():
         sources = REUSE[arch] + sorted(glob.glob(os.path.join(work, arch + "*")))  # unet, unet-250, ...
         runs = {source: load_runs(source) for source in sources}  # each results file read once
+        sources, runs[filed] = sources + [filed], earlier.get(arch, {})
         for beta in betas:
             missing = []
             for seed in sorted(set(SEEDS) | set(EXTRA_SEEDS)):
@@ -237,7 +253,8 @@ def main():
     p.add_argument("--no-train", action="store_true", help="train nothing: gather, plot and draw what exists")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    found = gather(args.work, not args.no_train)
+    filed = os.path.join(args.out, "results.json")
+    found = gather(args.work, not args.no_train, filed)
     rows = rows_of(found)
     reused = sorted({f"{os.path.relpath(src, ROOT)}: {key(s, b, seed)}" for (a, s, b, seed), (_, src) in found.items()
                      if src in REUSE[a]})
@@ -245,25 +262,28 @@ def main():
     sys.path.insert(0, ROOT)
     import run  # the project's all-or-none writer (run.py imports torch: here, not at start-up)
 
-    run.write_together({os.path.join(args.out, "results.json"): json.dumps(rows, indent=1),
+    run.write_together({filed: json.dumps(rows, indent=1),
                         os.path.join(args.out, "reused.txt"): "\n".join(reused) + "\n",
                         os.path.join(args.out, "summary.md"): "\n".join(lines) + "\n"})
     plot(rows, os.path.join(args.out, "frontier.png"))
-    for stale in glob.glob(os.path.join(args.out, "samples-*.png")):  # grids of points no longer chosen
-        os.remove(stale)
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     for log in glob.glob(os.path.join(args.work, "*", "log.txt")) + glob.glob(os.path.join(args.work, "*", "again",
                                                                                             "log.txt")):
         name = os.path.relpath(os.path.dirname(log), args.work).replace(os.sep, "-")
         shutil.copy(log, os.path.join(args.out, "logs", f"{name}.txt"))  # the runs' own lines, beside the rows
+    kept = set()  # the grids of the points chosen now; the others are of points no longer chosen
     for arch in BASES:
         if not points(rows, arch, "ncp") or not points(rows, arch, "latent"):
             continue
         for name, (space, beta) in chosen(rows, arch).items():
             grids = {seed: os.path.join(source, key(space, beta, seed), "samples.png")  # of the rows' own runs
                      for (a, s, b, seed), (_, source) in found.items() if (a, s, b) == (arch, space, beta)
-                     and source not in REUSE[arch]}
+                     and source not in REUSE[arch] + [filed]}
             grids = {seed: g for seed, g in grids.items() if os.path.exists(g)}
+            drawn = sorted(glob.glob(os.path.join(args.out, f"samples-{arch}-{name}-beta{beta:g}-seed*.png")))
+            if not grids and drawn:  # drawn by an earlier run of this script, from a run whose row it filed
+                kept.add(drawn[0])
+                continue
             if not grids:  # every seed reused: seed 0 trained again, apart, for its samples
                 again = os.path.join(args.work, arch, "again", key(space, beta, 0), "samples.png")
                 if not os.path.exists(again) and not args.no_train:
@@ -273,10 +293,14 @@ def main():
                           f"{found[arch, space, beta, 0][0][-1]['radius']:.4f} reused")
                 grids = {0: again} if os.path.exists(again) else {}
             for seed, grid in sorted(grids.items())[:1]:  # the lowest seed that has one
+                kept.add(os.path.join(args.out, f"samples-{arch}-{name}-beta{beta:g}-seed{seed}.png"))
                 shutil.copy(grid, os.path.join(args.out, f"samples-{arch}-{name}-beta{beta:g}-seed{seed}.png"))
         base_grid = os.path.join(args.work, arch, "base_samples.png")
+        kept.add(os.path.join(args.out, f"samples-{arch}-base.png"))
         if os.path.exists(base_grid):
             shutil.copy(base_grid, os.path.join(args.out, f"samples-{arch}-base.png"))
+    for stale in set(glob.glob(os.path.join(args.out, "samples-*.png"))) - kept:
+        os.remove(stale)
     print("\n".join(lines))
 
 

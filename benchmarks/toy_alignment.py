@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -289,6 +290,15 @@ def summarise(runs, steps, out=None):
     return lines
 
 
+def start_over(out, log):
+    """Remove a run's folder left by an invocation stopped mid-run. Its rows were never written, and its checkpoint
+    may be past the first step this run measures: resumed, that row would measure a later model (or the trainer
+    would refuse --max-steps below its step)."""
+    if os.path.exists(out):
+        log(f"{os.path.basename(out)}: a folder left by an interrupted run, started over")
+        shutil.rmtree(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy", help="output folder (results.json gathers every invocation's runs)")
@@ -345,6 +355,7 @@ def main():
         for seed in [int(s) for s in args.seeds.split(",")]:
             key = run_name(name, args, seed)
             out = os.path.join(args.out, key)
+            start_over(out, log)
             rows = [{"step": 0, "radius": radius0, "colour_right": right0, "heldout_accuracy": 0.5}]
             for k in steps[1:]:
                 cmd = [sys.executable, os.path.join(ROOT, script), "--model", base, "--data", folder, "--space", space,

@@ -205,3 +205,25 @@ def test_frontier_reuses_earlier_sweeps_and_draws_the_chosen_points(tmp_path, mo
     assert grids == ["samples-unet-best-latent-beta2-seed1.png", "samples-unet-matched-latent-beta2-seed1.png"]
     assert (out / "samples-unet-best-latent-beta2-seed1.png").read_bytes() == frontier.key("latent", 2, 1).encode()
     assert (out / "frontier.png").stat().st_size > 0
+    # a fresh clone: no work folder, the filed results.json and grids are the record; nothing is lost or retrained
+    filed, summary = (out / "results.json").read_text(), (out / "summary.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--no-train", "--work", str(tmp_path / "fresh"), "--out",
+                                      str(out)])
+    frontier.main()
+    assert (out / "results.json").read_text() == filed and (out / "summary.md").read_text() == summary
+    assert sorted(p.name for p in out.glob("samples-*.png")) == grids
+    assert (out / "reused.txt").read_text().count("earlier: ") == 4
+
+
+def test_toy_alignment_starts_over_a_run_folder_left_by_an_interrupted_invocation(tmp_path):
+    """A leftover run folder (its checkpoint at step 60, say) is removed before the run trains its first checkpoint:
+    resumed, the row labelled 25 would measure the step-60 model."""
+    import toy_alignment
+
+    out, said = tmp_path / "dpo-ncp-bf16-seed0", []
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"step 60")
+    toy_alignment.start_over(str(out), said.append)
+    assert not out.exists() and said == ["dpo-ncp-bf16-seed0: a folder left by an interrupted run, started over"]
+    toy_alignment.start_over(str(out), said.append)  # nothing there: nothing said
+    assert len(said) == 1
