@@ -10,7 +10,7 @@
     python benchmarks/step_cost.py --arch flux2-klein-4b        # FLUX.2 [klein] 4B at 1024 px: the same
 
 Runs the training scripts themselves, one after another in this one invocation, with the same model, batch
-and precision, on the same synthetic data. The first --steps optimizer steps are a warm-up and are not counted; the
+and precision, on the same synthetic data. The first --warmup optimizer steps (default: --steps) are not counted; the
 next --steps are timed one by one (the scripts' own step_time, logged every step). Reports seconds per step (the
 mean of the timed steps, and their spread: the fastest and the slowest), pairs per second, peak memory (GPU: peak
 allocated; CPU: peak resident set of the process) and the NCP / latent ratio. The last row, dpo-ncp-cached, is
@@ -262,7 +262,8 @@ def run(script, space, args, out, model, source, extra=(), steps=None, flops=Non
         cmd = [sys.executable, os.path.abspath(__file__), "--count-flops", script, "--", *flags, "--max-steps", "1"]
         cmd += ["--no-gradient-checkpointing"] if flops == "model" else []
     else:
-        cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--max-steps", str(2 * steps), "--log-every", "1"]
+        cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--max-steps", str(args.warmup + steps),
+               "--log-every", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
@@ -271,7 +272,7 @@ def run(script, space, args, out, model, source, extra=(), steps=None, flops=Non
         with open(os.path.join(out, "flops.json")) as f:
             return json.load(f)["flops"]
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["step"] > steps]
+        return [r for r in map(json.loads, f) if r["step"] > args.warmup]
 
 
 def count_flops(script, argv):
@@ -301,7 +302,9 @@ def main():
     p.add_argument("--model", default="tiny", help="any --model the training scripts take")
     p.add_argument("--arch", choices=["sd15", "sdxl", *SD35, *FLUX2], help="instead of --model: the real "
                    "architecture, random weights; sd35-*, flux2-*: FLOPs only, on the meta device (flow_costs)")
-    p.add_argument("--steps", type=int, default=20, help="warm-up steps, then as many timed steps")
+    p.add_argument("--steps", type=int, default=20, help="timed steps, after the warm-up")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: as many as --steps; on a CPU, where a "
+                   "step takes minutes, the first step is the one that differs: 1 is enough)")
     p.add_argument("--resolution", type=int, help="pixels (default: the model's, 512 for sd15, 1024 for sdxl)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per step (one micro-batch, one rank)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
@@ -319,6 +322,9 @@ def main():
         return count_flops(args.count_flops, args.extra)
     if args.steps < 1:
         p.error(f"--steps {args.steps} must be at least 1 (3 or more for a spread)")
+    args.warmup = args.steps if args.warmup is None else args.warmup
+    if args.warmup < 1:
+        p.error(f"--warmup {args.warmup} must be at least 1: the first step allocates and is not timed")
     if args.steps < 3 and not (args.arch in SD35 or args.arch in FLUX2 or args.encoder_share):
         print(f"warning: --steps {args.steps} times {args.steps} step(s): no spread worth the name; 3 or more "
               "for ratios to quote", flush=True)

@@ -34,7 +34,7 @@ def test_random_architectures_have_the_published_sizes(kind):
 def test_step_cost_on_the_tiny_model(tmp_path):
     out = tmp_path / "cost.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--model", "tiny", "--steps", "3",
-           "--micro-batch-size", "2", "--num-workers", "0", "--flops", "--out", str(out),
+           "--warmup", "1", "--micro-batch-size", "2", "--num-workers", "0", "--flops", "--out", str(out),
            "--only", "dpo-latent", "dpo-ncp", "dpo-ncp-cached", "--", "--optimizer", "adamw",
            "--gradient-checkpointing"]
     proc = launch.python(cmd, {**env(), "TMPDIR": str(tmp_path)}, ROOT, 600, merge=False)
@@ -43,7 +43,8 @@ def test_step_cost_on_the_tiny_model(tmp_path):
     rows = report["results"]
     assert set(rows) == {"dpo-latent", "dpo-ncp", "dpo-ncp-cached"}
     assert all(r["step_s"] > 0 and r["peak_mem_gib"] > 0 and r["nonfinite_steps"] == 0 for r in rows.values())
-    # each step after the 3 of warm-up timed on its own: the mean and its spread
+    # each step after the one of warm-up timed on its own: the mean and its spread
+    assert report["args"]["warmup"] == 1
     assert all(r["timed_steps"] == 3 and r["step_s_min"] <= r["step_s"] <= r["step_s_max"] for r in rows.values())
     low, high = report["ratios"]["dpo"]["time_range"]
     assert low <= report["ratios"]["dpo"]["time"] <= high
