@@ -244,6 +244,16 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def file_log(log, filed):
+    """Add a work folder's log to the one filed under its name: the filed lines stay (a fresh clone's work folder
+    starts a new log) and the new ones follow, those both hold (the same folder, grown since) once."""
+    new = open(log).read().splitlines(keepends=True)
+    old = open(filed).read().splitlines(keepends=True) if os.path.exists(filed) else []
+    overlap = next(k for k in range(min(len(old), len(new)), -1, -1) if k == 0 or old[-k:] == new[:k])
+    with open(filed, "w") as f:
+        f.write("".join(old + new[overlap:]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(RESULTS, "frontier"), help="where results.json, the plot and the "
@@ -270,7 +280,7 @@ def main():
     for log in glob.glob(os.path.join(args.work, "*", "log.txt")) + glob.glob(os.path.join(args.work, "*", "again",
                                                                                             "log.txt")):
         name = os.path.relpath(os.path.dirname(log), args.work).replace(os.sep, "-")
-        shutil.copy(log, os.path.join(args.out, "logs", f"{name}.txt"))  # the runs' own lines, beside the rows
+        file_log(log, os.path.join(args.out, "logs", f"{name}.txt"))  # the runs' own lines, beside the rows
     kept = set()  # the grids of the points chosen now; the others are of points no longer chosen
     for arch in BASES:
         if not points(rows, arch, "ncp") or not points(rows, arch, "latent"):

@@ -180,6 +180,7 @@ def test_frontier_reuses_earlier_sweeps_and_draws_the_chosen_points(tmp_path, mo
     for name in (frontier.key("latent", 2, 1), frontier.key("ncp", 10, 1)):
         (work / ("unet-b" if "ncp" in name else "unet") / name).mkdir(parents=True, exist_ok=True)
         (work / ("unet-b" if "ncp" in name else "unet") / name / "samples.png").write_bytes(name.encode())
+    (work / "unet" / "log.txt").write_text("run a step 100\n")
     monkeypatch.setattr(frontier, "REUSE", {"unet": [str(earlier)], "sd3": []})
     monkeypatch.setattr(frontier, "BETAS", {("unet", "ncp"): [10], ("unet", "latent"): [1, 2, 3]})
     out = tmp_path / "out"
@@ -208,9 +209,17 @@ def test_frontier_reuses_earlier_sweeps_and_draws_the_chosen_points(tmp_path, mo
     assert (out / "frontier.png").stat().st_size > 0
     # a fresh clone: no work folder, the filed results.json and grids are the record; nothing is lost or retrained
     filed, summary = (out / "results.json").read_text(), (out / "summary.md").read_text()
+    assert (out / "logs" / "unet.txt").read_text() == "run a step 100\n"
+    (work / "unet" / "log.txt").write_text("run a step 100\nrun b step 100\n")  # the same folder, grown
+    frontier.main()
+    assert (out / "logs" / "unet.txt").read_text() == "run a step 100\nrun b step 100\n"
     monkeypatch.setattr(sys, "argv", ["frontier.py", "--no-train", "--work", str(tmp_path / "fresh"), "--out",
                                       str(out)])
-    frontier.main()
+    (tmp_path / "fresh" / "unet").mkdir(parents=True)
+    (tmp_path / "fresh" / "unet" / "log.txt").write_text("run c step 100\n")  # a new log: the filed lines stay
+    for _ in range(2):  # and a second reading adds nothing
+        frontier.main()
+        assert (out / "logs" / "unet.txt").read_text() == "run a step 100\nrun b step 100\nrun c step 100\n"
     assert (out / "results.json").read_text() == filed and (out / "summary.md").read_text() == summary
     assert sorted(p.name for p in out.glob("samples-*.png")) == grids
     assert (out / "reused.txt").read_text().count("earlier: ") == 4
