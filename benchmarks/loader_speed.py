@@ -91,8 +91,9 @@ def measure(fn, order, seconds):
 
 
 def needed_rates(gpus, mfu):
-    """Pairs/s that `gpus` H100s need at an MFU, for NCP-DPO at SD1.5 512 px and SDXL 1024 px."""
-    with open(os.path.join(ROOT, "benchmarks", "results", "step_cost_sd15_cpu.json")) as f:
+    """Pairs/s that `gpus` H100s need at an MFU, for NCP-DPO at SD1.5 512 px and SDXL 1024 px, from the FLOPs of the
+    path the scripts train with (bf16: the JVP; step_cost.py's filed SD1.5 bf16 run)."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "step_cost_sd15_bf16_mb1_cpu.json")) as f:
         sd15 = json.load(f)["results"]["dpo-ncp"]["tflops_per_step"]  # one pair per step
     per_pair = {"sd15_512px": sd15, "sdxl_1024px": sd15 * SDXL_UNET_TFLOPS / SD15_UNET_TFLOPS}
     return {k: {"tflop_per_pair": round(v, 2), "pairs_per_s": round(gpus * H100_BF16_TFLOPS * mfu / v, 1)}

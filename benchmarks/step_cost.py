@@ -4,8 +4,8 @@
     python benchmarks/step_cost.py --arch sd15 --micro-batch-size 8 --steps 10 --flops   # SD1.5 at 512 px, GPU
     python benchmarks/step_cost.py --arch sdxl --micro-batch-size 1 --steps 10 --flops   # SDXL at 1024 px, GPU
     python benchmarks/step_cost.py --arch sdxl --encoder-share   # the encoder's FLOP share of a U-Net forward
-    python benchmarks/step_cost.py --arch sdxl --resolution 512 --micro-batch-size 1 --steps 1 --only dpo-latent dpo-ncp
-                                                                # SDXL on a CPU with 24 GB: 1024 px does not fit in fp32
+    python benchmarks/step_cost.py --arch sdxl --resolution 512 --micro-batch-size 1 --warmup 1 --steps 3
+        --only dpo-latent dpo-ncp                               # SDXL on a CPU with 24 GB: 1024 px does not fit in fp32
     python benchmarks/step_cost.py --arch sd35-medium           # SD3.5 Medium at 1024 px: FLOPs on the meta device
     python benchmarks/step_cost.py --arch flux2-klein-4b        # FLUX.2 [klein] 4B at 1024 px: the same
 
